@@ -1,0 +1,35 @@
+"""The `artifactfs` command: subcommands are registered here; errors become one line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from artifactfs.cli.init_cmd import init
+from artifactfs.cli.mount_cmd import mount
+from artifactfs.cli.umount_cmd import umount
+from artifactfs.errors import ArtifactFsError
+
+app = typer.Typer(
+    name="artifactfs",
+    help="A content-addressed artifact store, mounted as a grid of workspaces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(init)
+app.command()(mount)
+app.command()(umount)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except ArtifactFsError as exc:
+        print(f"artifactfs: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

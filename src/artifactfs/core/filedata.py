@@ -1,0 +1,325 @@
+"""The contents of one file while it is in use: block map, dirty buffers, background stores.
+
+A `FileData` exists per inode while the file is open (or briefly for a truncate or a digest).
+Writes land in per-block `bytearray`s; a block that fills up is sealed and stored in the
+background (hash + put in a worker thread) while the writer goes on; `commit()` seals the rest,
+waits for every store of this file, and records the new block map, size, times and whole-file
+digest in ONE index transaction. So the index only ever points at blocks that are stored, and a
+file is never torn: each block is the old or the new content.
+
+Block sources, newest first: dirty (being written) > sealed (being stored) > staged (stored,
+not yet committed) > committed (in the index) > hole (zeros).
+
+Must not: talk to FUSE, hold a block in memory after it is committed, or commit a block map
+that names an unstored block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from artifactfs.core.blockio import BlockIO
+from artifactfs.errors import FsError, StorageError
+
+if TYPE_CHECKING:
+    from artifactfs.index.db import Index
+
+log = logging.getLogger(__name__)
+
+
+class FileData:
+    def __init__(
+        self,
+        io: BlockIO,
+        index: Index,
+        nursery: trio.Nursery,
+        *,
+        ino: int,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        committed: dict[int, bytes],
+        committed_sizes: dict[bytes, int] | None = None,
+    ) -> None:
+        self.io = io
+        self.index = index
+        self.nursery = nursery
+        self.ino = ino
+        self.bs = io.block_size
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+        self.committed = committed
+        self.dirty: dict[int, bytearray] = {}
+        self.sealed: dict[int, tuple[int, bytes]] = {}
+        self.staged: dict[int, tuple[bytes, int] | None] = {}
+        self.versions: dict[int, int] = {}
+        self.drop_from: int | None = None  # committed blocks >= this index are cut off
+        self.changed = False  # contents, size or times differ from the index
+        self.opens = 0  # open handles
+        self.users = 0  # open handles + internal users (truncate, digest)
+        self.lock = trio.Lock()  # serialises writers, truncates and commits of this file
+        self.pending = 0  # background stores in flight
+        self._idle = trio.Event()
+        self._idle.set()
+        self.error: BaseException | None = None  # a failed background store, told at commit
+        # Whole-file SHA-256, fed in order while the file is written from its start; None
+        # once anything is written behind the hash position (then computed on demand).
+        self.hasher: hashlib._Hash | None = hashlib.sha256() if size == 0 else None
+        self.hash_pos = 0
+        self._hash_tail = trio.Event()
+        self._hash_tail.set()
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _source(self, idx: int) -> bytes | bytearray | tuple[bytes, int] | None:
+        """Where block `idx` is now: in-memory bytes, a stored (digest, _) or None (hole)."""
+        buf = self.dirty.get(idx)
+        if buf is not None:
+            return buf
+        sealed = self.sealed.get(idx)
+        if sealed is not None:
+            return sealed[1]
+        if idx in self.staged:
+            return self.staged[idx]
+        digest = self.committed.get(idx)
+        return None if digest is None else (digest, 0)
+
+    async def read(self, off: int, size: int) -> bytes:
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        bs = self.bs
+        parts: list[bytes | None] = []
+        fetch: list[tuple[bytes, int, int]] = []
+        fetch_at: list[tuple[int, int]] = []  # (index into parts, wanted length)
+        for idx in range(off // bs, (end - 1) // bs + 1):
+            start = idx * bs
+            s = max(off, start) - start
+            e = min(end, start + bs) - start
+            src = self._source(idx)
+            if src is None:
+                parts.append(bytes(e - s))
+            elif isinstance(src, tuple):
+                fetch_at.append((len(parts), e - s))
+                parts.append(None)
+                fetch.append((src[0], s, e - s))
+            else:
+                piece = bytes(src[s:e])
+                parts.append(piece + bytes(e - s - len(piece)) if len(piece) < e - s else piece)
+        if fetch:
+            got = await self.io.read_many(fetch)
+            for (pos, want), data in zip(fetch_at, got, strict=True):
+                # A stored block may end before the file does (the file grew since): zeros.
+                parts[pos] = data + bytes(want - len(data)) if len(data) < want else data
+        return b"".join(p for p in parts if p is not None)
+
+    async def _current_block(self, idx: int) -> bytearray:
+        src = self._source(idx)
+        if src is None:
+            return bytearray()
+        if isinstance(src, tuple):
+            return bytearray(await self.io.load(src[0]))
+        return bytearray(src)
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    async def write(self, off: int, data: bytes) -> int:
+        async with self.lock:
+            if self.hasher is not None and off < self.hash_pos:
+                self.hasher = None
+            bs = self.bs
+            pos = 0
+            n_total = len(data)
+            while pos < n_total:
+                idx = (off + pos) // bs
+                s = off + pos - idx * bs
+                n = min(bs - s, n_total - pos)
+                buf = self.dirty.get(idx)
+                if buf is None:
+                    await self.io.reserve(bs)
+                    if s == 0 and n == bs:
+                        buf = bytearray(data[pos : pos + n])
+                    else:
+                        buf = await self._current_block(idx)
+                    self._set_dirty(idx, buf)
+                if len(buf) < s:
+                    buf.extend(bytes(s - len(buf)))
+                buf[s : s + n] = data[pos : pos + n]
+                pos += n
+                if s + n == bs:
+                    # The block is complete: store it in the background while writing goes on.
+                    self._seal(idx)
+            if off + n_total > self.size:
+                self.size = off + n_total
+            self._touch()
+            return n_total
+
+    def _set_dirty(self, idx: int, buf: bytearray) -> None:
+        self.dirty[idx] = buf
+        self.versions[idx] = self.versions.get(idx, 0) + 1
+        self.io.track(self)
+
+    def _touch(self) -> None:
+        now = time.time_ns()
+        self.mtime_ns = self.ctime_ns = now
+        self.changed = True
+
+    def _seal(self, idx: int) -> None:
+        buf = self.dirty.pop(idx)
+        data = bytes(buf)
+        version = self.versions[idx]
+        self.sealed[idx] = (version, data)
+        start = idx * self.bs
+        if self.hasher is not None and start <= self.hash_pos < start + len(data):
+            chunk = data[self.hash_pos - start :]
+            self.hash_pos = start + len(data)
+            prev, self._hash_tail = self._hash_tail, trio.Event()
+            self.nursery.start_soon(self._hash_step, prev, self._hash_tail, chunk)
+        if self.pending == 0:
+            self._idle = trio.Event()
+        self.pending += 1
+        self.nursery.start_soon(self._store, idx, version, data)
+
+    def seal_all(self) -> None:
+        for idx in sorted(self.dirty):
+            self._seal(idx)
+
+    async def _hash_step(self, prev: trio.Event, done: trio.Event, chunk: bytes) -> None:
+        try:
+            await prev.wait()
+            hasher = self.hasher
+            if hasher is not None:
+                await self.io.hash_update(hasher, chunk)
+        finally:
+            done.set()
+
+    async def _store(self, idx: int, version: int, data: bytes) -> None:
+        try:
+            digest = await self.io.store(data)
+        except BaseException as exc:
+            # Keep the data sealed (still readable); commit reports the failure as EIO.
+            log.error("storing block %d of inode %d failed: %s", idx, self.ino, exc)
+            self.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if self.versions.get(idx) == version:
+                self.staged[idx] = None if digest is None else (digest, len(data))
+            cur = self.sealed.get(idx)
+            if cur is not None and cur[0] == version:
+                del self.sealed[idx]
+        finally:
+            self.io.release(self.bs)
+            self.pending -= 1
+            if self.pending == 0:
+                self._idle.set()
+
+    # ---- truncate -----------------------------------------------------------------------------
+
+    async def truncate(self, new_size: int) -> None:
+        async with self.lock:
+            bs = self.bs
+            if new_size < self.size:
+                keep = (new_size + bs - 1) // bs  # blocks that survive
+                for idx in [i for i in self.dirty if i >= keep]:
+                    del self.dirty[idx]
+                    self.io.release(bs)
+                for idx in [i for i in self.sealed if i >= keep]:
+                    # Its store may still finish: the version bump makes it ignored.
+                    self.versions[idx] = self.versions.get(idx, 0) + 1
+                    del self.sealed[idx]
+                for idx in [i for i in self.staged if i >= keep]:
+                    del self.staged[idx]
+                for idx in [i for i in self.committed if i >= keep]:
+                    del self.committed[idx]
+                self.drop_from = keep if self.drop_from is None else min(self.drop_from, keep)
+                tail = new_size - (keep - 1) * bs if keep else 0
+                if keep and tail < bs:
+                    idx = keep - 1
+                    src = self._source(idx)
+                    if src is not None:
+                        buf = await self._current_block(idx)
+                        del buf[tail:]
+                        if idx not in self.dirty:
+                            await self.io.reserve(bs)
+                        self._set_dirty(idx, buf)
+                if new_size == 0:
+                    self.hasher = hashlib.sha256()
+                    self.hash_pos = 0
+                elif new_size < self.hash_pos:
+                    self.hasher = None
+            self.size = new_size
+            self._touch()
+
+    # ---- commit -------------------------------------------------------------------------------
+
+    async def wait_stored(self) -> None:
+        await self._idle.wait()
+        await self._hash_tail.wait()
+
+    async def commit(self, *, durable: bool = False) -> None:
+        """Make everything written so far visible in the index in one transaction."""
+        async with self.lock:
+            self.seal_all()
+            while self.pending:
+                await self._idle.wait()
+            await self._hash_tail.wait()
+            if self.error is not None:
+                exc, self.error = self.error, None
+                if isinstance(exc, FsError):
+                    raise exc
+                raise StorageError(f"storing data of inode {self.ino} failed: {exc}")
+            if self.changed or self.staged or self.drop_from is not None:
+                sha = None
+                if self.hasher is not None and self.hash_pos == self.size:
+                    sha = self.hasher.copy().digest()
+                staged = self.staged
+                with self.index.txn():
+                    if self.drop_from is not None:
+                        self.index.drop_blocks_from(self.ino, self.drop_from)
+                    self.index.set_blocks(
+                        self.ino, ((i, None if v is None else v[0]) for i, v in staged.items())
+                    )
+                    self.index.record_blobs(
+                        (v for v in staged.values() if v is not None), time.time_ns()
+                    )
+                    self.index.update_file_state(
+                        self.ino, self.size, self.mtime_ns, self.ctime_ns, sha
+                    )
+                for idx, v in staged.items():
+                    if v is None:
+                        self.committed.pop(idx, None)
+                    else:
+                        self.committed[idx] = v[0]
+                self.staged = {}
+                self.drop_from = None
+                self.changed = False
+        if durable:
+            self.index.make_durable()
+
+    def stored_bytes(self) -> int:
+        """Bytes of storage the file's non-hole blocks take (for st_blocks)."""
+        idxs = set(self.committed) | set(self.dirty) | set(self.sealed)
+        idxs |= {i for i, v in self.staged.items() if v is not None}
+        idxs -= {i for i, v in self.staged.items() if v is None and i not in self.dirty
+                 and i not in self.sealed}
+        return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
+
+    @property
+    def has_unstored(self) -> bool:
+        return bool(self.dirty or self.sealed or self.pending)
+
+
+def stored_estimate(nblocks: int, size: int, bs: int, has_last: bool) -> int:
+    """Storage of `nblocks` non-hole blocks of a file of `size`: full blocks, except that the
+    last block of the file only takes what the file uses of it."""
+    total = nblocks * bs
+    if has_last and size % bs:
+        total -= bs - size % bs
+    return max(total, 0)

@@ -1,0 +1,994 @@
+"""The filesystem core: every operation of the mounted tree, on plain Python types.
+
+Owns the shape of the grid (root -> sandboxes -> scopes -> namespaces) and POSIX semantics
+inside workspaces. Each operation runs as one index transaction on the trio thread; contents
+go through `FileData`/`BlockIO` (worker threads). Visibility and write access to grid places
+come from `policy.decide`, nowhere else.
+
+Must not: import pyfuse3, write SQL, or block the trio thread on hashing or blob I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+
+from artifactfs.core.blockio import BlockIO
+from artifactfs.core.filedata import FileData, stored_estimate
+from artifactfs.core.names import (
+    NAME_MAX,
+    SNAPSHOTS_NAME,
+    check_grid_name,
+    check_name,
+    check_sandbox_name,
+    parse_scope_name,
+)
+from artifactfs.core.nodes import ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
+from artifactfs.core.policy import ADMIN, Decision, Op, Place, View, decide
+from artifactfs.errors import (
+    AccessDenied,
+    BadHandle,
+    CrossDevice,
+    Exists,
+    FileTooBig,
+    InvalidArgument,
+    InvalidName,
+    IsADirectory,
+    NoData,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NameTooLong,
+    NotSupported,
+    OutOfRange,
+    ReadOnly,
+)
+from artifactfs.index.db import Index, InodeRow
+
+log = logging.getLogger(__name__)
+
+XATTR_SHA256 = b"user.artifactfs.sha256"
+XATTR_NAMESPACE = b"user.artifactfs.namespace"
+READONLY_XATTRS = (XATTR_SHA256, XATTR_NAMESPACE)
+# Per-inode budget for user xattrs (names + values), as ext4 limits them to one block.
+XATTR_TOTAL_MAX = 64 * 1024 + 4096
+MAX_FILE_SIZE = 1 << 50
+DIR_KINDS = (NodeKind.ROOT, NodeKind.SANDBOX, NodeKind.SCOPE, NodeKind.NSROOT, NodeKind.DIR)
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    flags: int
+    data: FileData | None  # None for directories
+
+
+@dataclass(slots=True)
+class DirEntry:
+    name: bytes
+    attr: Attr
+    next_offset: int
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+class FileSystem:
+    def __init__(self, index: Index, io: BlockIO, *, view: View = ADMIN) -> None:
+        self.index = index
+        self.io = io
+        self.view = view
+        self.bs = io.block_size
+        self.lookups: dict[int, int] = {}
+        self.files: dict[int, FileData] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Attach to the nursery that runs background stores; reclaim what a crash left."""
+        self._nursery = nursery
+        orphans = self.index.unlinked_inodes()
+        if orphans:
+            with self.index.txn():
+                for ino in orphans:
+                    self.index.delete_inode(ino)
+            log.info("reclaimed %d unlinked inodes left by an earlier run", len(orphans))
+
+    async def shutdown(self) -> None:
+        """Commit every open file (unmount or daemon stop)."""
+        for data in list(self.files.values()):
+            await data.commit()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "FileSystem.start() was not called"
+        return self._nursery
+
+    # ---- rows, attributes, places -------------------------------------------------------------
+
+    def _row(self, ino: int) -> InodeRow:
+        row = self.index.get_inode(ino)
+        if row is None:
+            raise NotFound(f"inode {ino} does not exist")
+        return row
+
+    def _attr(self, row: InodeRow) -> Attr:
+        kind = NodeKind(row.kind)
+        size, mtime, ctime = row.size, row.mtime_ns, row.ctime_ns
+        stored = 0
+        data = self.files.get(row.id)
+        if data is not None:
+            size, mtime, ctime = data.size, data.mtime_ns, data.ctime_ns
+            stored = data.stored_bytes()
+        elif kind is NodeKind.FILE and size:
+            n, top = self.index.block_stats(row.id)
+            stored = stored_estimate(n, size, self.bs, top == (size - 1) // self.bs)
+        elif kind.is_dir:
+            stored = 4096
+        return Attr(
+            ino=row.id, mode=row.mode, nlink=row.nlink, uid=row.uid, gid=row.gid,
+            rdev=row.rdev, size=size, atime_ns=row.atime_ns, mtime_ns=mtime, ctime_ns=ctime,
+            btime_ns=row.btime_ns, stored=stored, kind=kind,
+        )
+
+    def _place(self, row: InodeRow) -> Place:
+        """The grid place an inode belongs to, for the policy."""
+        kind = NodeKind(row.kind)
+        if kind is NodeKind.ROOT:
+            return Place()
+        if kind is NodeKind.SANDBOX:
+            sb = self.index.sandbox_by_inode(row.id)
+            return Place(sandbox=sb.name if sb else "?")
+        if kind is NodeKind.SCOPE:
+            scope = self.index.scope_by_inode(row.id)
+        else:
+            ns = self.index.namespace_by_id(row.namespace_id) if row.namespace_id else None
+            scope = self.index.scope_by_id(ns.scope_id) if ns else None
+        if scope is None:
+            return Place(sandbox="?", scope_kind="?")
+        sb = self.index.sandbox_by_id(scope.sandbox_id)
+        return Place(sandbox=sb.name if sb else "?", scope_kind=scope.kind,
+                     scope_owner=scope.owner)
+
+    def _require(self, op: Op, row: InodeRow) -> None:
+        if self.view.is_admin:
+            return
+        decision = decide(self.view, op, self._place(row))
+        if decision is Decision.ALLOW:
+            return
+        if decision is Decision.HIDDEN:
+            raise NotFound()
+        if decision is Decision.READ_ONLY:
+            raise ReadOnly()
+        raise AccessDenied()
+
+    def _visible(self, row: InodeRow) -> bool:
+        return self.view.is_admin or decide(self.view, Op.SEE, self._place(row)) is not (
+            Decision.HIDDEN
+        )
+
+    def remember(self, ino: int, n: int = 1) -> None:
+        """The kernel now holds `n` more references to `ino` (lookup counts)."""
+        self.lookups[ino] = self.lookups.get(ino, 0) + n
+
+    def forget(self, items: Iterable[tuple[int, int]]) -> None:
+        doomed = []
+        for ino, n in items:
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+            else:
+                self.lookups.pop(ino, None)
+                doomed.append(ino)
+        for ino in doomed:
+            self._reap(ino)
+
+    def _reap(self, ino: int) -> None:
+        """Delete an inode that has no names, no kernel references and no open handles."""
+        if ino in self.lookups or ino in self.files or ino == ROOT_INODE:
+            return
+        row = self.index.get_inode(ino)
+        if row is not None and row.nlink == 0:
+            with self.index.txn():
+                self.index.delete_inode(ino)
+
+    # ---- lookup and attributes ----------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes, caller: Caller) -> Attr:
+        attr = self._lookup(parent, name)
+        self.remember(attr.ino)
+        return attr
+
+    def _lookup(self, parent: int, name: bytes) -> Attr:
+        if len(name) > NAME_MAX:
+            raise NameTooLong(f"name of {len(name)} bytes is longer than {NAME_MAX}")
+        if name == b".":
+            return self._attr(self._row(parent))
+        if name == b"..":
+            up = self.index.parent_of(parent)
+            return self._attr(self._row(up[0] if up else ROOT_INODE))
+        row = self.index.lookup_child_inode(parent, name)
+        if row is None:
+            prow = self._row(parent)
+            if not NodeKind(prow.kind).is_dir:
+                raise NotADirectory()
+            raise NotFound()
+        if NodeKind(row.kind) in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
+            raise NotFound()
+        return self._attr(row)
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._attr(self._row(ino))
+
+    async def setattr(self, ino: int, ch: AttrChanges, caller: Caller) -> Attr:
+        row = self._row(ino)
+        kind = NodeKind(row.kind)
+        self._require(Op.WRITE, row)
+        if kind.is_grid and (ch.size is not None or ch.uid is not None or ch.gid is not None):
+            raise NotPermitted("grid directories cannot be resized or given away")
+        now = _now()
+        if ch.size is not None:
+            if kind.is_dir:
+                raise IsADirectory()
+            if kind is not NodeKind.FILE:
+                raise InvalidArgument()
+            if ch.size > MAX_FILE_SIZE:
+                raise FileTooBig()
+            data = self._acquire(row)
+            try:
+                await data.truncate(ch.size)
+                await data.commit()
+            finally:
+                self._release_data(data)
+            row = self._row(ino)
+        data = self.files.get(ino)
+        if ch.mode is not None:
+            row.mode = stat.S_IFMT(row.mode) | (ch.mode & 0o7777)
+        if ch.uid is not None and ch.uid != 0xFFFFFFFF:
+            row.uid = ch.uid
+        if ch.gid is not None and ch.gid != 0xFFFFFFFF:
+            row.gid = ch.gid
+        if ch.atime_ns is not None:
+            row.atime_ns = ch.atime_ns
+        if ch.mtime_ns is not None:
+            row.mtime_ns = ch.mtime_ns
+            if data is not None:
+                # Later commits of this open file must keep the time set here.
+                data.mtime_ns = ch.mtime_ns
+        row.ctime_ns = ch.ctime_ns if ch.ctime_ns is not None else now
+        if data is not None:
+            data.ctime_ns = row.ctime_ns
+            row.size = data.size
+            if ch.mtime_ns is None:
+                row.mtime_ns = data.mtime_ns
+        with self.index.txn():
+            self.index.update_inode(row)
+        return self._attr(row)
+
+    async def readlink(self, ino: int) -> bytes:
+        target = self.index.get_symlink(ino)
+        if target is None:
+            raise InvalidArgument("not a symbolic link")
+        return target
+
+    # ---- creating -----------------------------------------------------------------------------
+
+    def _dir_row(self, ino: int) -> InodeRow:
+        row = self._row(ino)
+        if not NodeKind(row.kind).is_dir:
+            raise NotADirectory()
+        if row.nlink == 0:
+            raise NotFound("directory was removed")
+        return row
+
+    def _check_free(self, parent: InodeRow, name: bytes) -> None:
+        if self.index.lookup_child(parent.id, name) is not None:
+            raise Exists()
+
+    def _insert_child(
+        self, parent: InodeRow, name: bytes, kind: NodeKind, mode: int, caller: Caller, *,
+        namespace_id: int | None, rdev: int = 0, size: int = 0, now: int,
+    ) -> InodeRow:
+        gid = caller.gid
+        if parent.mode & stat.S_ISGID and not NodeKind(parent.kind).is_grid:
+            gid = parent.gid
+            if kind.is_dir:
+                mode |= stat.S_ISGID
+        is_dir = kind.is_dir
+        row = self.index.insert_inode(
+            kind=kind, mode=mode, uid=caller.uid, gid=gid, nlink=2 if is_dir else 1,
+            time_ns=now, namespace_id=namespace_id, rdev=rdev, size=size,
+        )
+        self.index.add_dentry(parent.id, name, row.id)
+        if is_dir:
+            self.index.add_nlink(parent.id, 1)
+        self.index.touch_inode(parent.id, mtime_ns=now, ctime_ns=now)
+        return row
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        prow = self._dir_row(parent)
+        kind = NodeKind(prow.kind)
+        now = _now()
+        mode = stat.S_IFDIR | (mode & 0o7777)
+        with self.index.txn():
+            if kind is NodeKind.ROOT:
+                row = self._create_sandbox(prow, name, mode, caller, now)
+            elif kind is NodeKind.SANDBOX:
+                row = self._create_scope(prow, name, mode, caller, now)
+            elif kind is NodeKind.SCOPE:
+                row = self._create_namespace(prow, name, "workspace", mode, caller, now)
+            else:
+                self._check_inner_name(prow, name)
+                self._require(Op.WRITE, prow)
+                self._check_free(prow, name)
+                row = self._insert_child(prow, name, NodeKind.DIR, mode, caller,
+                                         namespace_id=prow.namespace_id, now=now)
+        self.remember(row.id)
+        return self._attr(row)
+
+    def _check_inner_name(self, parent: InodeRow, name: bytes) -> None:
+        check_name(name)
+        if name == SNAPSHOTS_NAME and NodeKind(parent.kind) is NodeKind.NSROOT:
+            raise InvalidName(".snapshots is reserved at the top of a workspace")
+
+    def _create_sandbox(
+        self, root: InodeRow, name: bytes, mode: int, caller: Caller, now: int
+    ) -> InodeRow:
+        text = check_sandbox_name(name)
+        if decide(self.view, Op.CREATE_SANDBOX, Place()) is not Decision.ALLOW:
+            raise AccessDenied("this credential cannot create sandboxes")
+        self._check_free(root, name)
+        row = self._insert_child(root, name, NodeKind.SANDBOX, mode, caller,
+                                 namespace_id=None, now=now)
+        self.index.insert_sandbox(text, row.id, now)
+        self.index.append_event("sandbox.create", {"name": text, "uid": caller.uid}, text)
+        return row
+
+    def _create_scope(
+        self, sandbox: InodeRow, name: bytes, mode: int, caller: Caller, now: int
+    ) -> InodeRow:
+        try:
+            scope = parse_scope_name(name)
+        except InvalidName as exc:
+            log.warning("refused to create scope %r: %s", name, exc)
+            raise
+        sb = self.index.sandbox_by_inode(sandbox.id)
+        assert sb is not None
+        place = Place(sandbox=sb.name, scope_kind=scope.kind, scope_owner=scope.owner)
+        if decide(self.view, Op.CREATE_SCOPE, place) is not Decision.ALLOW:
+            raise AccessDenied("this credential cannot create scopes")
+        self._check_free(sandbox, name)
+        row = self._insert_child(sandbox, name, NodeKind.SCOPE, mode, caller,
+                                 namespace_id=None, now=now)
+        self.index.insert_scope(sb.id, scope.kind, scope.owner, scope.name, row.id, now)
+        self.index.append_event(
+            "scope.create", {"sandbox": sb.name, "scope": scope.name, "uid": caller.uid}, sb.name
+        )
+        return row
+
+    def _create_namespace(
+        self, scope_row: InodeRow, name: bytes, kind: str, mode: int, caller: Caller, now: int
+    ) -> InodeRow:
+        text = check_grid_name(name, "namespace")
+        self._require(Op.WRITE, scope_row)
+        self._check_free(scope_row, name)
+        scope = self.index.scope_by_inode(scope_row.id)
+        assert scope is not None
+        sb = self.index.sandbox_by_id(scope.sandbox_id)
+        assert sb is not None
+        node = NodeKind.NSROOT if kind == "workspace" else NodeKind.FILE
+        row = self._insert_child(scope_row, name, node, mode, caller, namespace_id=None, now=now)
+        public_id = uuid.uuid4().hex
+        owner = self.view.user if not self.view.is_admin else str(caller.uid)
+        ns_id = self.index.insert_namespace(public_id, scope.id, kind, owner, text, row.id, now)
+        row.namespace_id = ns_id
+        if node is NodeKind.FILE:
+            row.sha256 = hashlib.sha256(b"").digest()
+            self.index.set_sha256(row.id, row.sha256)
+        self.index.append_event(
+            "namespace.create",
+            {"id": public_id, "kind": kind, "sandbox": sb.name, "scope": scope.name,
+             "name": text, "owner": owner},
+            sb.name,
+        )
+        return row
+
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller
+    ) -> Attr:
+        if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+            row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+        else:
+            prow = self._dir_row(parent)
+            if NodeKind(prow.kind).is_grid:
+                raise NotPermitted("only directories and regular files can be grid namespaces")
+            self._check_inner_name(prow, name)
+            self._require(Op.WRITE, prow)
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+                    or stat.S_ISBLK(mode)):
+                raise InvalidArgument("unknown file type")
+            now = _now()
+            with self.index.txn():
+                self._check_free(prow, name)
+                row = self._insert_child(prow, name, NodeKind.SPECIAL, mode, caller,
+                                         namespace_id=prow.namespace_id, rdev=rdev, now=now)
+        self.remember(row.id)
+        return self._attr(row)
+
+    def _create_file(self, parent: int, name: bytes, mode: int, caller: Caller) -> InodeRow:
+        prow = self._dir_row(parent)
+        kind = NodeKind(prow.kind)
+        now = _now()
+        with self.index.txn():
+            if kind is NodeKind.SCOPE:
+                return self._create_namespace(prow, name, "blob", mode, caller, now)
+            if kind.is_grid:
+                raise NotPermitted(
+                    "files cannot be created here: the grid root holds sandboxes and a "
+                    "sandbox holds scopes"
+                )
+            self._check_inner_name(prow, name)
+            self._require(Op.WRITE, prow)
+            self._check_free(prow, name)
+            row = self._insert_child(prow, name, NodeKind.FILE, mode, caller,
+                                     namespace_id=prow.namespace_id, now=now)
+            row.sha256 = hashlib.sha256(b"").digest()
+            self.index.set_sha256(row.id, row.sha256)
+            return row
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attr]:
+        row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+        self.remember(row.id)
+        fh = self._open_handle(row, flags)
+        return fh, self._attr(row)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        prow = self._dir_row(parent)
+        if NodeKind(prow.kind).is_grid:
+            raise NotPermitted("symbolic links cannot be grid namespaces")
+        self._check_inner_name(prow, name)
+        self._require(Op.WRITE, prow)
+        if len(target) > 4095 or not target:
+            raise NameTooLong("link target too long") if target else InvalidArgument(
+                "empty link target"
+            )
+        now = _now()
+        with self.index.txn():
+            self._check_free(prow, name)
+            row = self._insert_child(prow, name, NodeKind.SYMLINK, stat.S_IFLNK | 0o777,
+                                     caller, namespace_id=prow.namespace_id,
+                                     size=len(target), now=now)
+            self.index.set_symlink(row.id, target)
+        self.remember(row.id)
+        return self._attr(row)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes, caller: Caller) -> Attr:
+        row = self._row(ino)
+        prow = self._dir_row(new_parent)
+        kind = NodeKind(row.kind)
+        if kind.is_dir:
+            raise NotPermitted("hard links to directories are not allowed")
+        if NodeKind(prow.kind).is_grid or row.namespace_id != prow.namespace_id:
+            raise CrossDevice("hard links cannot cross namespaces")
+        if row.nlink == 0:
+            raise NotFound("the file was removed")
+        self._check_inner_name(prow, new_name)
+        self._require(Op.WRITE, prow)
+        now = _now()
+        with self.index.txn():
+            self._check_free(prow, new_name)
+            self.index.add_dentry(prow.id, new_name, ino)
+            self.index.add_nlink(ino, 1, ctime_ns=now)
+            self.index.touch_inode(prow.id, mtime_ns=now, ctime_ns=now)
+        self.remember(ino)
+        data = self.files.get(ino)
+        if data is not None:
+            data.ctime_ns = now
+        return self._attr(self._row(ino))
+
+    # ---- removing -----------------------------------------------------------------------------
+
+    async def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
+        prow = self._dir_row(parent)
+        row = self.index.lookup_child_inode(parent, name)
+        if row is None:
+            raise NotFound()
+        kind = NodeKind(row.kind)
+        if kind.is_dir:
+            raise IsADirectory()
+        self._require(Op.WRITE, prow)
+        now = _now()
+        with self.index.txn():
+            if NodeKind(prow.kind) is NodeKind.SCOPE:
+                self._destroy_namespace(row)
+            self._drop_name(prow, name, row, now)
+        self._reap(row.id)
+
+    def _drop_name(self, prow: InodeRow, name: bytes, row: InodeRow, now: int) -> None:
+        self.index.remove_dentry(prow.id, name)
+        if NodeKind(row.kind).is_dir:
+            self.index.add_nlink(row.id, -row.nlink, ctime_ns=now)
+            self.index.add_nlink(prow.id, -1)
+        else:
+            self.index.add_nlink(row.id, -1, ctime_ns=now)
+            data = self.files.get(row.id)
+            if data is not None:
+                data.ctime_ns = now
+        self.index.touch_inode(prow.id, mtime_ns=now, ctime_ns=now)
+
+    async def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
+        prow = self._dir_row(parent)
+        row = self.index.lookup_child_inode(parent, name)
+        if row is None:
+            raise NotFound()
+        if name == b".":
+            raise InvalidArgument()
+        kind = NodeKind(row.kind)
+        if not kind.is_dir:
+            raise NotADirectory()
+        if kind in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
+            raise NotFound()
+        if self.index.has_children(row.id):
+            raise NotEmpty()
+        pkind = NodeKind(prow.kind)
+        if pkind is NodeKind.ROOT:
+            if decide(self.view, Op.CREATE_SANDBOX, Place()) is not Decision.ALLOW:
+                raise AccessDenied("this credential cannot remove sandboxes")
+        elif pkind is NodeKind.SANDBOX:
+            if decide(self.view, Op.CREATE_SCOPE, self._place(row)) is not Decision.ALLOW:
+                raise AccessDenied("this credential cannot remove scopes")
+        else:
+            self._require(Op.WRITE, prow)
+        now = _now()
+        with self.index.txn():
+            if kind is NodeKind.SANDBOX:
+                sb = self.index.sandbox_by_inode(row.id)
+                assert sb is not None
+                self.index.delete_sandbox(sb.id)
+                self.index.append_event("sandbox.destroy", {"name": sb.name}, sb.name)
+            elif kind is NodeKind.SCOPE:
+                scope = self.index.scope_by_inode(row.id)
+                assert scope is not None
+                sb = self.index.sandbox_by_id(scope.sandbox_id)
+                self.index.delete_scope(scope.id)
+                self.index.append_event(
+                    "scope.destroy", {"scope": scope.name, "sandbox": sb.name if sb else None},
+                    sb.name if sb else None,
+                )
+            elif kind is NodeKind.NSROOT:
+                self._destroy_namespace(row)
+            self._drop_name(prow, name, row, now)
+        self._reap(row.id)
+
+    def _destroy_namespace(self, root: InodeRow) -> None:
+        ns = self.index.namespace_by_root(root.id)
+        if ns is None:
+            return
+        scope = self.index.scope_by_id(ns.scope_id)
+        sb = self.index.sandbox_by_id(scope.sandbox_id) if scope else None
+        self.index.delete_namespace(ns.id)
+        self.index.append_event(
+            "namespace.destroy",
+            {"id": ns.public_id, "kind": ns.kind, "name": ns.name,
+             "scope": scope.name if scope else None, "sandbox": sb.name if sb else None},
+            sb.name if sb else None,
+        )
+
+    # ---- rename -------------------------------------------------------------------------------
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
+        caller: Caller,
+    ) -> None:
+        op = self._dir_row(old_parent)
+        np = self._dir_row(new_parent)
+        src = self.index.lookup_child_inode(old_parent, old_name)
+        if src is None:
+            raise NotFound()
+        okind, nkind = NodeKind(op.kind), NodeKind(np.kind)
+        if okind.is_grid or nkind.is_grid:
+            await self._rename_grid(op, old_name, np, new_name, src, flags)
+            return
+        if op.namespace_id != np.namespace_id:
+            raise CrossDevice("rename across namespaces: copy instead")
+        self._check_inner_name(np, new_name)
+        self._require(Op.WRITE, np)
+        dst = self.index.lookup_child_inode(new_parent, new_name)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise Exists()
+        if exchange and dst is None:
+            raise NotFound()
+        if dst is not None and dst.id == src.id:
+            return  # two names of one file: POSIX says do nothing
+        src_dir = NodeKind(src.kind).is_dir
+        if src_dir and not exchange:
+            self._check_not_ancestor(src.id, np.id)
+        if exchange and dst is not None and NodeKind(dst.kind).is_dir:
+            self._check_not_ancestor(dst.id, op.id)
+        now = _now()
+        with self.index.txn():
+            if exchange:
+                assert dst is not None
+                self.index.set_dentry_inode(op.id, old_name, dst.id)
+                self.index.set_dentry_inode(np.id, new_name, src.id)
+                if op.id != np.id:
+                    delta = int(src_dir) - int(NodeKind(dst.kind).is_dir)
+                    if delta:
+                        self.index.add_nlink(np.id, delta)
+                        self.index.add_nlink(op.id, -delta)
+                for ino in (src.id, dst.id):
+                    self.index.touch_inode(ino, mtime_ns=None, ctime_ns=now)
+            else:
+                if dst is not None:
+                    dst_dir = NodeKind(dst.kind).is_dir
+                    if src_dir and not dst_dir:
+                        raise NotADirectory()
+                    if dst_dir and not src_dir:
+                        raise IsADirectory()
+                    if dst_dir and self.index.has_children(dst.id):
+                        raise NotEmpty()
+                    self._drop_name(np, new_name, dst, now)
+                self.index.move_dentry(op.id, old_name, np.id, new_name)
+                if src_dir and op.id != np.id:
+                    self.index.add_nlink(op.id, -1)
+                    self.index.add_nlink(np.id, 1)
+                self.index.touch_inode(src.id, mtime_ns=None, ctime_ns=now)
+            self.index.touch_inode(op.id, mtime_ns=now, ctime_ns=now)
+            if np.id != op.id:
+                self.index.touch_inode(np.id, mtime_ns=now, ctime_ns=now)
+        for ino in (src.id, dst.id if dst is not None else 0):
+            data = self.files.get(ino)
+            if data is not None:
+                data.ctime_ns = now
+        if dst is not None and not exchange:
+            self._reap(dst.id)
+
+    def _check_not_ancestor(self, ino: int, of: int) -> None:
+        """EINVAL if `ino` is `of` or one of its ancestors (a directory moved into itself)."""
+        cur: int | None = of
+        while cur is not None and cur != ROOT_INODE:
+            if cur == ino:
+                raise InvalidArgument("cannot move a directory into itself")
+            up = self.index.parent_of(cur)
+            cur = up[0] if up else None
+
+    async def _rename_grid(
+        self, op: InodeRow, old_name: bytes, np: InodeRow, new_name: bytes, src: InodeRow,
+        flags: int,
+    ) -> None:
+        okind, nkind = NodeKind(op.kind), NodeKind(np.kind)
+        if op.id != np.id:
+            # Across scopes, sandboxes, or between a grid level and a workspace: like a
+            # different filesystem, so that mv copies.
+            raise CrossDevice("namespaces move only within their scope: copy instead")
+        if flags & RENAME_EXCHANGE:
+            raise InvalidArgument("RENAME_EXCHANGE is not supported for grid objects")
+        if okind is NodeKind.SANDBOX:
+            raise NotPermitted("scopes cannot be renamed: their name says whose they are")
+        dst = self.index.lookup_child_inode(np.id, new_name)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise Exists()
+        if dst is not None and dst.id == src.id:
+            return
+        now = _now()
+        if okind is NodeKind.ROOT:
+            text = check_sandbox_name(new_name)
+            if decide(self.view, Op.CREATE_SANDBOX, Place()) is not Decision.ALLOW:
+                raise AccessDenied("this credential cannot rename sandboxes")
+            if dst is not None:
+                raise Exists("a sandbox of that name exists")
+            sb = self.index.sandbox_by_inode(src.id)
+            assert sb is not None
+            with self.index.txn():
+                self.index.rename_sandbox(sb.id, text)
+                self.index.move_dentry(op.id, old_name, np.id, new_name)
+                self.index.touch_inode(op.id, mtime_ns=now, ctime_ns=now)
+                self.index.append_event("sandbox.rename", {"from": sb.name, "to": text}, text)
+            return
+        # A namespace renamed within its scope.
+        text = check_grid_name(new_name, "namespace")
+        self._require(Op.WRITE, op)
+        ns = self.index.namespace_by_root(src.id)
+        assert ns is not None
+        with self.index.txn():
+            if dst is not None:
+                if NodeKind(dst.kind) != NodeKind(src.kind):
+                    raise IsADirectory() if NodeKind(dst.kind).is_dir else NotADirectory()
+                if self.index.has_children(dst.id):
+                    raise NotEmpty()
+                self._destroy_namespace(dst)
+                self._drop_name(op, new_name, dst, now)
+            self.index.rename_namespace(ns.id, text)
+            self.index.move_dentry(op.id, old_name, np.id, new_name)
+            self.index.touch_inode(src.id, mtime_ns=None, ctime_ns=now)
+            self.index.touch_inode(op.id, mtime_ns=now, ctime_ns=now)
+            place = self._place(op)
+            self.index.append_event(
+                "namespace.rename",
+                {"id": ns.public_id, "from": ns.name, "to": text, "sandbox": place.sandbox,
+                 "scope": self.index.scope_by_inode(op.id).name},  # type: ignore[union-attr]
+                place.sandbox,
+            )
+        if dst is not None:
+            self._reap(dst.id)
+
+    # ---- open files ---------------------------------------------------------------------------
+
+    def _acquire(self, row: InodeRow) -> FileData:
+        data = self.files.get(row.id)
+        if data is None:
+            data = FileData(
+                self.io, self.index, self.nursery, ino=row.id, size=row.size,
+                mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns,
+                committed=self.index.block_map(row.id),
+            )
+            if row.size == 0:
+                data.hasher = hashlib.sha256()
+            self.files[row.id] = data
+        data.users += 1
+        return data
+
+    def _release_data(self, data: FileData) -> None:
+        data.users -= 1
+        if data.users == 0 and not data.changed and not data.has_unstored and not data.staged:
+            del self.files[data.ino]
+            self._reap(data.ino)
+
+    def _open_handle(self, row: InodeRow, flags: int) -> int:
+        data = self._acquire(row)
+        data.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(row.id, flags, data)
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise BadHandle()
+        return h
+
+    async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        row = self._row(ino)
+        kind = NodeKind(row.kind)
+        if kind.is_dir:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise IsADirectory()
+        elif kind is not NodeKind.FILE:
+            raise NotSupported("special files are opened by the kernel, not artifactfs")
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._require(Op.WRITE, row)
+        fh = self._open_handle(row, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            data = self.handles[fh].data
+            assert data is not None
+            if data.size:
+                await data.truncate(0)
+        return fh
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = self._handle(fh).data
+        assert data is not None
+        return await data.read(off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        data = h.data
+        assert data is not None
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise BadHandle("file is open read-only")
+        if h.flags & os.O_APPEND:
+            off = data.size
+        if off + len(buf) > MAX_FILE_SIZE:
+            raise FileTooBig()
+        return await data.write(off, buf)
+
+    async def flush(self, fh: int) -> None:
+        data = self._handle(fh).data
+        if data is not None:
+            await data.commit()
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        data = self._handle(fh).data
+        if data is not None:
+            await data.commit(durable=True)
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None or h.data is None:
+            return
+        data = h.data
+        try:
+            await data.commit()
+        finally:
+            data.opens -= 1
+            data.users -= 1
+            if data.users == 0:
+                self.files.pop(data.ino, None)
+                row = self.index.get_inode(data.ino)
+                if row is not None and row.nlink > 0 and row.sha256 is None:
+                    self.nursery.start_soon(self._digest_later, data.ino)
+                self._reap(data.ino)
+
+    async def _digest_later(self, ino: int) -> None:
+        try:
+            await self.file_digest(ino)
+        except Exception as exc:  # a file removed meanwhile, or a storage error: logged
+            log.debug("digest of inode %d not computed: %s", ino, exc)
+
+    async def file_digest(self, ino: int) -> bytes:
+        """The whole-content SHA-256 of a file, computed once per content and kept."""
+        row = self._row(ino)
+        if NodeKind(row.kind) is not NodeKind.FILE:
+            raise NoData()
+        data = self.files.get(ino)
+        if data is not None and (data.changed or data.has_unstored or data.staged):
+            await data.commit()
+            row = self._row(ino)
+        if row.sha256 is not None:
+            return row.sha256
+        data = self._acquire(row)
+        try:
+            async with data.lock:
+                row = self._row(ino)
+                if row.sha256 is not None:
+                    return row.sha256
+                blocks = self.index.block_map(ino)
+                digest = await trio.to_thread.run_sync(
+                    self._hash_content, blocks, row.size, limiter=self.io.limiter
+                )
+                with self.index.txn():
+                    self.index.set_sha256(ino, digest)
+                return digest
+        finally:
+            self._release_data(data)
+
+    def _hash_content(self, blocks: dict[int, bytes], size: int) -> bytes:
+        h = hashlib.sha256()
+        bs = self.bs
+        for idx in range((size + bs - 1) // bs):
+            want = min(bs, size - idx * bs)
+            digest = blocks.get(idx)
+            chunk = self.io._get(digest) if digest is not None else b""
+            chunk = chunk[:want]
+            h.update(chunk)
+            if len(chunk) < want:
+                h.update(bytes(want - len(chunk)))
+        return h.digest()
+
+    # ---- directories --------------------------------------------------------------------------
+
+    async def opendir(self, ino: int, caller: Caller) -> int:
+        row = self._row(ino)
+        if not NodeKind(row.kind).is_dir:
+            raise NotADirectory()
+        return ino
+
+    async def readdir(self, ino: int, after: int, limit: int = 256) -> list[DirEntry]:
+        out: list[DirEntry] = []
+        grid = NodeKind(self._row(ino).kind) in (NodeKind.ROOT, NodeKind.SANDBOX)
+        while len(out) < limit:
+            rows = self.index.list_children(ino, after, limit)
+            if not rows:
+                break
+            for dentry_id, name, row in rows:
+                after = dentry_id
+                if grid and not self._visible(row):
+                    continue
+                out.append(DirEntry(name, self._attr(row), dentry_id))
+            if len(rows) < limit:
+                break
+        return out
+
+    # ---- statfs -------------------------------------------------------------------------------
+
+    async def statfs(self) -> FsStats:
+        _, used = self.index.stored_bytes()
+        free = self.io.backend.usage()[1]
+        frsize = 4096
+        inodes = self.index.count_inodes()
+        free_inodes = max(free // frsize, 1 << 20)
+        return FsStats(
+            block_size=frsize,
+            total_blocks=(used + free) // frsize,
+            free_blocks=free // frsize,
+            avail_blocks=free // frsize,
+            total_inodes=inodes + free_inodes,
+            free_inodes=free_inodes,
+            name_max=NAME_MAX,
+        )
+
+    # ---- extended attributes ------------------------------------------------------------------
+
+    def _readonly_xattr(self, row: InodeRow, name: bytes) -> bool:
+        return name in READONLY_XATTRS
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        row = self._row(ino)
+        if name == XATTR_SHA256:
+            if NodeKind(row.kind) is not NodeKind.FILE:
+                raise NoData()
+            return (await self.file_digest(ino)).hex().encode()
+        if name == XATTR_NAMESPACE:
+            ns = self.index.namespace_by_root(ino)
+            if ns is None:
+                raise NoData()
+            return ns.public_id.encode()
+        value = self.index.get_xattr(ino, name)
+        if value is None:
+            raise NoData()
+        return value
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        row = self._row(ino)
+        names = self.index.list_xattrs(ino)
+        if NodeKind(row.kind) is NodeKind.FILE:
+            names.append(XATTR_SHA256)
+        if self.index.namespace_by_root(ino) is not None:
+            names.append(XATTR_NAMESPACE)
+        return names
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        row = self._row(ino)
+        if name in READONLY_XATTRS:
+            raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")
+        self._check_xattr_name(name)
+        self._require(Op.WRITE, row)
+        total = self.index.xattr_total(ino) + len(name) + len(value)
+        old = self.index.get_xattr(ino, name)
+        if old is not None:
+            total -= len(name) + len(old)
+        if total > XATTR_TOTAL_MAX:
+            raise NoSpace("no room for more extended attributes on this file")
+        now = _now()
+        with self.index.txn():
+            self.index.set_xattr(ino, name, value)
+            self.index.touch_inode(ino, mtime_ns=None, ctime_ns=now)
+        data = self.files.get(ino)
+        if data is not None:
+            data.ctime_ns = now
+
+    async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        row = self._row(ino)
+        if name in READONLY_XATTRS:
+            raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")
+        self._require(Op.WRITE, row)
+        now = _now()
+        with self.index.txn():
+            if not self.index.remove_xattr(ino, name):
+                raise NoData()
+            self.index.touch_inode(ino, mtime_ns=None, ctime_ns=now)
+        data = self.files.get(ino)
+        if data is not None:
+            data.ctime_ns = now
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if not name:
+            raise InvalidArgument("empty attribute name")
+        if len(name) > 255:
+            raise OutOfRange("attribute name longer than 255 bytes")
+        if not (name.startswith(b"user.") or name.startswith(b"trusted.")
+                or name.startswith(b"security.")):
+            raise NotSupported("only user.*, trusted.* and security.* attributes are stored")
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2

@@ -1,0 +1,275 @@
+"""pyfuse3 `Operations` over the core `FileSystem`: translation only.
+
+Each handler turns pyfuse3 arguments into core calls and core results into pyfuse3 types.
+`_translate` wraps every handler: core errors become their errno (errno_map), anything
+unexpected is logged and becomes EIO, because pyfuse3 ends its main loop (a dead mount) on any
+exception other than FUSEError.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+
+from artifactfs.core.fs import FileSystem
+from artifactfs.core.nodes import Attr, AttrChanges, Caller
+from artifactfs.errors import FsError
+from artifactfs.fuse.errno_map import errno_for
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as exc:
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.error("%s failed: %s", name, exc)
+            else:
+                log.debug("%s: %s (%s)", name, exc, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
+
+
+class FuseOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self, fs: FileSystem, *, entry_timeout: float = 5.0, attr_timeout: float = 5.0
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = a.blocks_512
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        e.st_birthtime_ns = a.btime_ns
+        return e
+
+    # ---- tree ---------------------------------------------------------------------------------
+
+    @_translate
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.lookup(parent_inode, name, _caller(ctx)))
+
+    @_translate
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.fs.forget(inode_list)
+
+    @_translate
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.getattr(inode))
+
+    @_translate
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        ch = AttrChanges(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        return self._entry(await self.fs.setattr(inode, ch, _caller(ctx)))
+
+    @_translate
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @_translate
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    @_translate
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+
+    @_translate
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.symlink(parent_inode, name, target, _caller(ctx)))
+
+    @_translate
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.link(inode, new_parent_inode, new_name, _caller(ctx)))
+
+    @_translate
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.unlink(parent_inode, name, _caller(ctx))
+
+    @_translate
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.rmdir(parent_inode, name, _caller(ctx))
+
+    @_translate
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, _caller(ctx)
+        )
+
+    # ---- files --------------------------------------------------------------------------------
+
+    @_translate
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags, _caller(ctx))
+        # Contents change only through this mount, which keeps the page cache coherent
+        # itself, so cached pages of an unchanged file stay valid across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_translate
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(attr)
+
+    @_translate
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @_translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_translate
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh, datasync)
+
+    @_translate
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    # ---- directories --------------------------------------------------------------------------
+
+    @_translate
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self.fs.opendir(inode, _caller(ctx))
+
+    @_translate
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        after = start_id
+        while True:
+            entries = await self.fs.readdir(fh, after)
+            if not entries:
+                return
+            for ent in entries:
+                if not pyfuse3.readdir_reply(token, ent.name, self._entry(ent.attr),
+                                             ent.next_offset):
+                    return
+                # readdirplus hands the kernel a reference, as a lookup would.
+                self.fs.remember(ent.attr.ino)
+                after = ent.next_offset
+
+    @_translate
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_translate
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.fs.index.make_durable()
+
+    @_translate
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = await self.fs.statfs()
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = s.block_size
+        d.f_frsize = s.block_size
+        d.f_blocks = s.total_blocks
+        d.f_bfree = s.free_blocks
+        d.f_bavail = s.avail_blocks
+        d.f_files = s.total_inodes
+        d.f_ffree = s.free_inodes
+        d.f_favail = s.free_inodes
+        d.f_namemax = s.name_max
+        return d
+
+    # ---- extended attributes ------------------------------------------------------------------
+
+    @_translate
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @_translate
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.setxattr(inode, name, value, _caller(ctx))
+
+    @_translate
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self.fs.listxattr(inode)
+
+    @_translate
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.removexattr(inode, name, _caller(ctx))
+
+

@@ -1,0 +1,596 @@
+"""The Index: one SQLite connection, a transaction helper and named queries.
+
+Owns every SQL statement the layers above need; nothing above this module writes SQL. The
+connection lives on the trio thread (queries are point lookups of microseconds); long work such
+as removing a big tree is batched by the caller into several transactions.
+
+It must not know about FUSE, blobs' bytes, or who may see what.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from artifactfs.index.migrations import migrate
+
+# SQLite's own wait for a lock held by another connection (another mount of the same store).
+BUSY_TIMEOUT_MS = 5000
+
+INODE_COLUMNS = (
+    "id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, btime_ns, "
+    "namespace_id, sha256"
+)
+
+
+@dataclass(slots=True)
+class InodeRow:
+    id: int
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+    namespace_id: int | None
+    sha256: bytes | None
+
+
+@dataclass(slots=True)
+class NamespaceRow:
+    id: int
+    public_id: str
+    scope_id: int
+    kind: str
+    owner: str
+    name: str
+    root_inode: int
+    created_ns: int
+
+
+@dataclass(slots=True)
+class ScopeRow:
+    id: int
+    sandbox_id: int
+    kind: str
+    owner: str
+    name: str
+    inode: int
+    created_ns: int
+    expires_ns: int | None
+
+
+@dataclass(slots=True)
+class SandboxRow:
+    id: int
+    name: str
+    inode: int
+    created_ns: int
+
+
+@dataclass(slots=True)
+class EventRow:
+    seq: int
+    time_ns: int
+    type: str
+    sandbox: str | None
+    payload: dict[str, Any]
+
+
+def _inode(row: tuple[Any, ...]) -> InodeRow:
+    return InodeRow(*row)
+
+
+class Index:
+    """The metadata index of one store."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = path
+        if not create and not path.exists():
+            raise FileNotFoundError(path)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (see txn()).
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit survives a crash of the process; fsync() asks for FULL (durable()).
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        self.conn.execute("PRAGMA cache_size = -65536")
+        self._depth = 0
+        self.start_version = migrate(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def txn(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; nested uses join the outer one. Rolls back on any exception."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        self._begin()
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self._commit()
+
+    def _begin(self) -> None:
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way with
+        # SQLITE_BUSY on upgrade; busy_timeout covers the wait, and we retry past it.
+        for attempt in range(50):
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.01 * (attempt + 1), 0.2))
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        for attempt in range(50):
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.01 * (attempt + 1), 0.2))
+        self.conn.execute("COMMIT")
+
+    def make_durable(self) -> None:
+        """Force everything committed so far to stable storage (fsync of the WAL)."""
+        self.conn.execute("PRAGMA synchronous = FULL")
+        try:
+            # An empty write transaction under FULL syncs the WAL up to and including it.
+            with self.txn() as c:
+                c.execute("UPDATE meta SET value = value WHERE key = 'store_id'")
+        finally:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+
+    # ---- meta ---------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # ---- inodes -------------------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> InodeRow | None:
+        row = self.conn.execute(
+            f"SELECT {INODE_COLUMNS} FROM inodes WHERE id = ?", (ino,)
+        ).fetchone()
+        return None if row is None else _inode(row)
+
+    def insert_inode(
+        self,
+        *,
+        kind: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        nlink: int,
+        time_ns: int,
+        namespace_id: int | None,
+        size: int = 0,
+        rdev: int = 0,
+        ino: int | None = None,
+    ) -> InodeRow:
+        cur = self.conn.execute(
+            "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, "
+            "mtime_ns, ctime_ns, btime_ns, namespace_id, sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (ino, kind, mode, uid, gid, nlink, size, rdev, time_ns, time_ns, time_ns, time_ns,
+             namespace_id),
+        )
+        new_id = ino if ino is not None else cur.lastrowid
+        assert new_id is not None
+        return InodeRow(new_id, kind, mode, uid, gid, nlink, size, rdev, time_ns, time_ns,
+                        time_ns, time_ns, namespace_id, None)
+
+    def update_inode(self, row: InodeRow) -> None:
+        """Write back every mutable column of `row`."""
+        self.conn.execute(
+            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, nlink = ?, size = ?, rdev = ?, "
+            "atime_ns = ?, mtime_ns = ?, ctime_ns = ?, namespace_id = ?, sha256 = ? "
+            "WHERE id = ?",
+            (row.mode, row.uid, row.gid, row.nlink, row.size, row.rdev, row.atime_ns,
+             row.mtime_ns, row.ctime_ns, row.namespace_id, row.sha256, row.id),
+        )
+
+    def update_file_state(
+        self, ino: int, size: int, mtime_ns: int, ctime_ns: int, sha256: bytes | None
+    ) -> None:
+        self.conn.execute(
+            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, sha256 = ? WHERE id = ?",
+            (size, mtime_ns, ctime_ns, sha256, ino),
+        )
+
+    def set_sha256(self, ino: int, sha256: bytes) -> None:
+        self.conn.execute("UPDATE inodes SET sha256 = ? WHERE id = ?", (sha256, ino))
+
+    def block_stats(self, ino: int) -> tuple[int, int]:
+        """(number of non-hole blocks of `ino`, highest block index or -1) for st_blocks."""
+        n, top = self.conn.execute(
+            "SELECT count(*), coalesce(max(idx), -1) FROM blocks WHERE inode = ?", (ino,)
+        ).fetchone()
+        return int(n), int(top)
+
+    def touch_inode(self, ino: int, *, mtime_ns: int | None, ctime_ns: int) -> None:
+        if mtime_ns is None:
+            self.conn.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (ctime_ns, ino))
+        else:
+            self.conn.execute(
+                "UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+                (mtime_ns, ctime_ns, ino),
+            )
+
+    def add_nlink(self, ino: int, delta: int, ctime_ns: int | None = None) -> None:
+        if ctime_ns is None:
+            self.conn.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?", (delta, ino))
+        else:
+            self.conn.execute(
+                "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?",
+                (delta, ctime_ns, ino),
+            )
+
+    def delete_inode(self, ino: int) -> None:
+        """Remove an inode and everything hanging off it (blocks, symlink, xattrs)."""
+        self.conn.execute("DELETE FROM blocks WHERE inode = ?", (ino,))
+        self.conn.execute("DELETE FROM symlinks WHERE inode = ?", (ino,))
+        self.conn.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+        self.conn.execute("DELETE FROM inodes WHERE id = ?", (ino,))
+
+    def unlinked_inodes(self) -> list[int]:
+        """Inodes with no names left (open-unlinked files of a previous run)."""
+        return [r[0] for r in self.conn.execute("SELECT id FROM inodes WHERE nlink = 0")]
+
+    def count_inodes(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM inodes").fetchone()[0])
+
+    # ---- directory entries --------------------------------------------------------------------
+
+    def lookup_child(self, parent: int, name: bytes) -> int | None:
+        row = self.conn.execute(
+            "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def lookup_child_inode(self, parent: int, name: bytes) -> InodeRow | None:
+        row = self.conn.execute(
+            f"SELECT {', '.join('i.' + c.strip() for c in INODE_COLUMNS.split(','))} "
+            "FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
+            (parent, name),
+        ).fetchone()
+        return None if row is None else _inode(row)
+
+    def list_children(
+        self, parent: int, after: int = 0, limit: int = 1000
+    ) -> list[tuple[int, bytes, InodeRow]]:
+        """(dentry id, name, inode) of `parent`'s children with dentry id > `after`."""
+        rows = self.conn.execute(
+            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in INODE_COLUMNS.split(','))} "
+            "FROM dentries d JOIN inodes i ON i.id = d.inode "
+            "WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
+            (parent, after, limit),
+        ).fetchall()
+        return [(r[0], bytes(r[1]), _inode(r[2:])) for r in rows]
+
+    def has_children(self, parent: int) -> bool:
+        return (
+            self.conn.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,))
+            .fetchone()
+            is not None
+        )
+
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        self.conn.execute(
+            "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+        )
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        self.conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
+    def move_dentry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        self.conn.execute(
+            "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+            (new_parent, new_name, parent, name),
+        )
+
+    def set_dentry_inode(self, parent: int, name: bytes, ino: int) -> None:
+        self.conn.execute(
+            "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)
+        )
+
+    def parent_of(self, ino: int) -> tuple[int, bytes] | None:
+        """One (parent, name) of `ino` (the only one for a directory)."""
+        row = self.conn.execute(
+            "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def count_dentries(self, ino: int) -> int:
+        return int(
+            self.conn.execute("SELECT count(*) FROM dentries WHERE inode = ?", (ino,)).fetchone()[0]
+        )
+
+    # ---- grid: sandboxes, scopes, namespaces --------------------------------------------------
+
+    def insert_sandbox(self, name: str, ino: int, created_ns: int) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO sandboxes (name, inode, created_ns) VALUES (?, ?, ?)",
+            (name, ino, created_ns),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def sandbox_by_inode(self, ino: int) -> SandboxRow | None:
+        row = self.conn.execute(
+            "SELECT id, name, inode, created_ns FROM sandboxes WHERE inode = ?", (ino,)
+        ).fetchone()
+        return None if row is None else SandboxRow(*row)
+
+    def sandbox_by_id(self, sandbox_id: int) -> SandboxRow | None:
+        row = self.conn.execute(
+            "SELECT id, name, inode, created_ns FROM sandboxes WHERE id = ?", (sandbox_id,)
+        ).fetchone()
+        return None if row is None else SandboxRow(*row)
+
+    def rename_sandbox(self, sandbox_id: int, name: str) -> None:
+        self.conn.execute("UPDATE sandboxes SET name = ? WHERE id = ?", (name, sandbox_id))
+
+    def delete_sandbox(self, sandbox_id: int) -> None:
+        self.conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def insert_scope(
+        self, sandbox_id: int, kind: str, owner: str, name: str, ino: int, created_ns: int
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO scopes (sandbox_id, kind, owner, name, inode, created_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (sandbox_id, kind, owner, name, ino, created_ns),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def scope_by_inode(self, ino: int) -> ScopeRow | None:
+        row = self.conn.execute(
+            "SELECT id, sandbox_id, kind, owner, name, inode, created_ns, expires_ns "
+            "FROM scopes WHERE inode = ?",
+            (ino,),
+        ).fetchone()
+        return None if row is None else ScopeRow(*row)
+
+    def scope_by_id(self, scope_id: int) -> ScopeRow | None:
+        row = self.conn.execute(
+            "SELECT id, sandbox_id, kind, owner, name, inode, created_ns, expires_ns "
+            "FROM scopes WHERE id = ?",
+            (scope_id,),
+        ).fetchone()
+        return None if row is None else ScopeRow(*row)
+
+    def delete_scope(self, scope_id: int) -> None:
+        self.conn.execute("DELETE FROM scopes WHERE id = ?", (scope_id,))
+
+    def insert_namespace(
+        self,
+        public_id: str,
+        scope_id: int,
+        kind: str,
+        owner: str,
+        name: str,
+        root_inode: int,
+        created_ns: int,
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO namespaces (public_id, scope_id, kind, owner, name, root_inode, "
+            "created_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (public_id, scope_id, kind, owner, name, root_inode, created_ns),
+        )
+        assert cur.lastrowid is not None
+        self.conn.execute(
+            "UPDATE inodes SET namespace_id = ? WHERE id = ?", (cur.lastrowid, root_inode)
+        )
+        return cur.lastrowid
+
+    def namespace_by_id(self, namespace_id: int) -> NamespaceRow | None:
+        row = self.conn.execute(
+            "SELECT id, public_id, scope_id, kind, owner, name, root_inode, created_ns "
+            "FROM namespaces WHERE id = ?",
+            (namespace_id,),
+        ).fetchone()
+        return None if row is None else NamespaceRow(*row)
+
+    def namespace_by_root(self, ino: int) -> NamespaceRow | None:
+        row = self.conn.execute(
+            "SELECT id, public_id, scope_id, kind, owner, name, root_inode, created_ns "
+            "FROM namespaces WHERE root_inode = ?",
+            (ino,),
+        ).fetchone()
+        return None if row is None else NamespaceRow(*row)
+
+    def rename_namespace(self, namespace_id: int, name: str) -> None:
+        self.conn.execute("UPDATE namespaces SET name = ? WHERE id = ?", (name, namespace_id))
+
+    def delete_namespace(self, namespace_id: int) -> None:
+        self.conn.execute("DELETE FROM namespaces WHERE id = ?", (namespace_id,))
+
+    def count_namespaces(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM namespaces").fetchone()[0])
+
+    # ---- block maps and blobs -----------------------------------------------------------------
+
+    def block_map(self, ino: int) -> dict[int, bytes]:
+        return {
+            int(idx): bytes(d)
+            for idx, d in self.conn.execute(
+                "SELECT idx, digest FROM blocks WHERE inode = ?", (ino,)
+            )
+        }
+
+    def set_blocks(self, ino: int, blocks: Iterable[tuple[int, bytes | None]]) -> None:
+        """Point block `idx` of `ino` at `digest`, or make it a hole when digest is None."""
+        for idx, digest in blocks:
+            if digest is None:
+                self.conn.execute("DELETE FROM blocks WHERE inode = ? AND idx = ?", (ino, idx))
+            else:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO blocks (inode, idx, digest) VALUES (?, ?, ?)",
+                    (ino, idx, digest),
+                )
+
+    def drop_blocks_from(self, ino: int, first_idx: int) -> None:
+        self.conn.execute("DELETE FROM blocks WHERE inode = ? AND idx >= ?", (ino, first_idx))
+
+    def copy_blocks(self, src: int, dst: int) -> None:
+        self.conn.execute(
+            "INSERT INTO blocks (inode, idx, digest) SELECT ?, idx, digest FROM blocks "
+            "WHERE inode = ?",
+            (dst, src),
+        )
+
+    def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO blobs (digest, size, created_ns) VALUES (?, ?, ?)",
+            ((d, s, time_ns) for d, s in blobs),
+        )
+
+    def known_blob(self, digest: bytes) -> bool:
+        return (
+            self.conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone()
+            is not None
+        )
+
+    def stored_bytes(self) -> tuple[int, int]:
+        """(number of blobs, their total size)."""
+        n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        return int(n), int(total)
+
+    def count_block_refs(self, digest: bytes) -> int:
+        return int(
+            self.conn.execute("SELECT count(*) FROM blocks WHERE digest = ?", (digest,)).fetchone()[0]
+        )
+
+    # ---- symlinks -----------------------------------------------------------------------------
+
+    def set_symlink(self, ino: int, target: bytes) -> None:
+        self.conn.execute("INSERT INTO symlinks (inode, target) VALUES (?, ?)", (ino, target))
+
+    def get_symlink(self, ino: int) -> bytes | None:
+        row = self.conn.execute("SELECT target FROM symlinks WHERE inode = ?", (ino,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # ---- extended attributes ------------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
+            (ino, name, value),
+        )
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        cur = self.conn.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+        return cur.rowcount > 0
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [
+            bytes(r[0])
+            for r in self.conn.execute("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+        ]
+
+    def xattr_total(self, ino: int) -> int:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(length(name) + length(value)), 0) FROM xattrs WHERE inode = ?",
+            (ino,),
+        ).fetchone()
+        return int(row[0])
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def append_event(self, type_: str, payload: dict[str, Any], sandbox: str | None = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO events (time_ns, type, sandbox, payload) VALUES (?, ?, ?, ?)",
+            (time.time_ns(), type_, sandbox, cbor2.dumps(payload)),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def events(self, after: int = 0, type_prefix: str | None = None) -> list[EventRow]:
+        sql = "SELECT seq, time_ns, type, sandbox, payload FROM events WHERE seq > ?"
+        args: list[Any] = [after]
+        if type_prefix:
+            sql += " AND type LIKE ?"
+            args.append(type_prefix.replace("%", "") + "%")
+        sql += " ORDER BY seq"
+        return [
+            EventRow(r[0], r[1], r[2], r[3], cbor2.loads(r[4]))
+            for r in self.conn.execute(sql, args)
+        ]
+
+    # ---- integrity (tests and fsck) -----------------------------------------------------------
+
+    def link_count_mismatches(self) -> list[tuple[int, int, int]]:
+        """(inode, stored nlink, expected nlink) for every live inode whose count is wrong."""
+        rows = self.conn.execute(
+            """
+            SELECT i.id, i.nlink,
+              CASE WHEN i.kind IN (0, 1, 2, 3, 4)
+                THEN 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.id = d.inode
+                          WHERE d.parent = i.id AND c.kind IN (1, 2, 3, 4))
+                ELSE (SELECT count(*) FROM dentries d WHERE d.inode = i.id) END AS expected
+            FROM inodes i WHERE i.nlink > 0
+            """
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows if r[1] != r[2]]
+
+    def dangling_dentries(self) -> list[tuple[int, bytes, int]]:
+        rows = self.conn.execute(
+            "SELECT d.parent, d.name, d.inode FROM dentries d LEFT JOIN inodes i ON i.id = d.inode "
+            "LEFT JOIN inodes p ON p.id = d.parent WHERE i.id IS NULL OR p.id IS NULL"
+        ).fetchall()
+        return [(r[0], bytes(r[1]), r[2]) for r in rows]
+
+    def unknown_block_digests(self) -> list[bytes]:
+        return [
+            bytes(r[0])
+            for r in self.conn.execute(
+                "SELECT DISTINCT b.digest FROM blocks b LEFT JOIN blobs o ON o.digest = b.digest "
+                "WHERE o.digest IS NULL"
+            )
+        ]

@@ -1,0 +1,218 @@
+"""Crash tests: data that was fsync'ed, or written and closed, survives `kill -9` of the daemon and
+a remount, byte for byte. Only writes acknowledged before the crash are recorded, the daemon is
+really killed (SIGKILL, checked), and the same store is mounted again by a new process.
+Needs a real mount (skips with ARTIFACTFS_TEST_TARGET=plain)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mountutil import Mount, is_mounted, kill_daemon, mounted, workspace
+
+pytestmark = pytest.mark.mounted
+
+MiB = 1024 * 1024
+SIZES = [0, 1, 4095, 4096, 4097, 65_536 + 3, MiB - 1, MiB + 1, 3 * MiB + 12_345, 9 * MiB + 7]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_fsynced(path: Path, data: bytes, chunk: int = 300_001) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        for i in range(0, len(data), chunk):
+            os.write(fd, data[i : i + chunk])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by name (metadata changes are durable once this returns)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crash(mount: Mount) -> None:
+    """kill -9 the daemon and check that the crash path was really taken."""
+    assert mount.proc.poll() is None, "the daemon died before the crash was injected"
+    returncode = kill_daemon(mount)
+    assert returncode == -signal.SIGKILL
+    assert mount.proc.returncode == -signal.SIGKILL
+    assert not is_mounted(mount.mountpoint)
+
+
+def verify(root: Path, recorded: dict[str, str]) -> None:
+    for rel, expected in sorted(recorded.items()):
+        data = (root / rel).read_bytes()
+        assert digest(data) == expected, f"{rel}: {len(data)} bytes, content differs"
+
+
+def test_fsynced_and_closed_files_survive_kill_9(mount_dirs: tuple[Path, Path]) -> None:
+    store, mountpoint = mount_dirs
+    rng = random.Random(11)
+    recorded: dict[str, str] = {}
+    with mounted(store, mountpoint) as first:
+        ws = workspace(first.mountpoint)
+        (ws / "sub" / "deeper").mkdir(parents=True)
+        for i, size in enumerate(SIZES):
+            data = rng.randbytes(size)
+            rel = f"sub/deeper/synced-{i}" if i % 2 else f"synced-{i}"
+            write_fsynced(ws / rel, data)
+            recorded[rel] = digest(data)  # only after fsync returned
+        for i, size in enumerate([10, 5000, 2 * MiB + 3]):
+            data = rng.randbytes(size)
+            with open(ws / f"closed-{i}", "wb") as f:
+                f.write(data)
+            recorded[f"closed-{i}"] = digest(data)  # only after close returned
+        # An overwrite in the middle of an existing file, then fsync.
+        old = bytearray(rng.randbytes(2 * MiB + 100))
+        write_fsynced(ws / "overwritten", bytes(old))
+        fd = os.open(ws / "overwritten", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"N" * 70_000, MiB - 35_000)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        old[MiB - 35_000 : MiB + 35_000] = b"N" * 70_000
+        recorded["overwritten"] = digest(bytes(old))
+        # A truncated file.
+        write_fsynced(ws / "truncated", rng.randbytes(3 * MiB))
+        os.truncate(ws / "truncated", MiB + 5)
+        fsync_path(ws / "truncated")
+        with open(ws / "truncated", "rb") as f:
+            recorded["truncated"] = digest(f.read())
+        crash(first)
+
+    with mounted(store, mountpoint, init=False) as second:
+        ws = second.mountpoint / "t" / "shared" / "ws"
+        verify(ws, recorded)
+        assert sorted(p.name for p in ws.iterdir()) == sorted(
+            {rel.split("/")[0] for rel in recorded}
+        )
+
+
+def test_metadata_survives_kill_9(mount_dirs: tuple[Path, Path]) -> None:
+    store, mountpoint = mount_dirs
+    with mounted(store, mountpoint) as first:
+        ws = workspace(first.mountpoint)
+        write_fsynced(ws / "f", b"payload")
+        os.chmod(ws / "f", 0o751)
+        os.utime(ws / "f", ns=(1_600_000_000_000_000_001, 1_600_000_000_123_456_789))
+        os.setxattr(ws / "f", "user.k", b"value")
+        os.symlink("f", ws / "link")
+        os.link(ws / "f", ws / "hard")
+        os.mkdir(ws / "dir", 0o750)
+        write_fsynced(ws / "renamed-from", b"moved")
+        os.rename(ws / "renamed-from", ws / "renamed-to")
+        for path in (ws / "f", ws / "dir", ws):
+            fsync_path(path)
+        crash(first)
+
+    with mounted(store, mountpoint, init=False) as second:
+        ws = second.mountpoint / "t" / "shared" / "ws"
+        st = os.stat(ws / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o751
+        assert st.st_mtime_ns == 1_600_000_000_123_456_789
+        assert st.st_nlink == 2
+        assert os.stat(ws / "hard").st_ino == st.st_ino
+        assert os.getxattr(ws / "f", "user.k") == b"value"
+        assert os.readlink(ws / "link") == "f"
+        assert stat.S_IMODE(os.stat(ws / "dir").st_mode) == 0o750
+        assert (ws / "renamed-to").read_bytes() == b"moved"
+        assert not (ws / "renamed-from").exists()
+
+
+def test_unsynced_block_write_is_old_or_new_never_torn(mount_dirs: tuple[Path, Path]) -> None:
+    store, mountpoint = mount_dirs
+    old = random.Random(12).randbytes(MiB)
+    new_block = b"\xee" * 4096
+    with mounted(store, mountpoint) as first:
+        ws = workspace(first.mountpoint)
+        write_fsynced(ws / "f", old)
+        fd = os.open(ws / "f", os.O_WRONLY)
+        os.pwrite(fd, new_block, 64 * 4096)  # not fsync'ed, not closed when the daemon dies
+        crash(first)
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the connection is gone: this only frees the descriptor
+
+    new = old[: 64 * 4096] + new_block + old[65 * 4096 :]
+    with mounted(store, mountpoint, init=False) as second:
+        data = (second.mountpoint / "t" / "shared" / "ws" / "f").read_bytes()
+        assert data in (old, new)
+
+
+def test_crash_during_writes_keeps_every_synced_file(mount_dirs: tuple[Path, Path]) -> None:
+    store, mountpoint = mount_dirs
+    recorded: dict[str, str] = {}
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer(ws: Path) -> None:
+        rng = random.Random(13)
+        i = 0
+        try:
+            while not stop.is_set():
+                data = rng.randbytes(rng.choice([1, 4096, 70_000, MiB + 3, 3 * MiB - 1]))
+                write_fsynced(ws / f"w-{i}", data)
+                recorded[f"w-{i}"] = digest(data)
+                i += 1
+        except OSError as exc:
+            # The daemon died under us: ENOTCONN/ECONNABORTED from the dead connection.
+            if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENOENT):
+                failures.append(exc)
+
+    with mounted(store, mountpoint) as first:
+        ws = workspace(first.mountpoint)
+        thread = threading.Thread(target=writer, args=(ws,), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(recorded) < 5 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+        assert len(recorded) >= 5, f"the writer made too little progress: {failures}"
+        crash(first)  # while the writer is in the middle of its next file
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert not failures, failures
+
+    with mounted(store, mountpoint, init=False) as second:
+        ws = second.mountpoint / "t" / "shared" / "ws"
+        verify(ws, recorded)
+
+
+def test_store_is_usable_after_a_crash(mount_dirs: tuple[Path, Path]) -> None:
+    store, mountpoint = mount_dirs
+    with mounted(store, mountpoint) as first:
+        ws = workspace(first.mountpoint)
+        write_fsynced(ws / "before", b"before the crash")
+        crash(first)
+
+    with mounted(store, mountpoint, init=False) as second:
+        ws = second.mountpoint / "t" / "shared" / "ws"
+        data = os.urandom(2 * MiB + 1)
+        (ws / "after").write_bytes(data)
+        (ws / "dir").mkdir()
+        os.rename(ws / "before", ws / "dir" / "moved")
+        workspace(second.mountpoint, "t", "shared", "another")
+
+    with mounted(store, mountpoint, init=False) as third:  # and cleanly again after that
+        ws = third.mountpoint / "t" / "shared" / "ws"
+        assert (ws / "after").read_bytes() == data
+        assert (ws / "dir" / "moved").read_bytes() == b"before the crash"
+        assert sorted(os.listdir(third.mountpoint / "t" / "shared")) == ["another", "ws"]

@@ -1,0 +1,363 @@
+"""LocalBackend: the shared blob contract, plus what only a local disk has (layout, temp files,
+disk-full handling, descriptor cache, several processes on one tree)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from blob_contract import BackendFactory, BlobBackendContract, blob, run_threads
+
+from artifactfs.blobs.backend import BlobBackend
+from artifactfs.blobs.local import LocalBackend
+from artifactfs.errors import Corrupt, InvalidArgument, NoSpace, NotFound, StorageError
+
+
+class TestLocalContract(BlobBackendContract):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path) -> BackendFactory:
+        return lambda: LocalBackend(tmp_path / "blobs")
+
+
+class TestLocalContractNotDurable(BlobBackendContract):
+    @pytest.fixture
+    def backend_factory(self, tmp_path: Path) -> BackendFactory:
+        return lambda: LocalBackend(tmp_path / "blobs", durable=False, max_open_files=2)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store" / "blobs"
+
+
+@pytest.fixture
+def local(root: Path) -> Iterator[LocalBackend]:
+    b = LocalBackend(root)
+    yield b
+    b.close()
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".tmp-*")]
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_on_disk_layout(local: LocalBackend, root: Path) -> None:
+    d, data = blob("layout")
+    local.put(d, data)
+    h = d.hex()
+    path = root / "sha256" / h[0:2] / h[2:4] / h
+    assert local.path_of(d) == path
+    assert path.read_bytes() == data
+    assert all_files(root) == [path]
+    assert path.stat().st_mode & 0o222 == 0  # blobs are immutable, stored read-only
+
+
+def test_no_temp_files_left_after_puts(local: LocalBackend, root: Path) -> None:
+    def work(t: int) -> None:
+        for i in range(30):
+            local.put(*blob(f"{t}-{i % 10}", 3000))
+
+    run_threads(8, work)
+    assert temp_files(root) == []
+    assert len(all_files(root)) == 80
+
+
+def test_concurrent_same_digest_exactly_one_writer(local: LocalBackend) -> None:
+    d, data = blob("once", 100_000)
+    results = run_threads(8, lambda _: local.put(d, data))
+    assert results.count(True) == 1
+    assert local.usage()[0] == len(data)
+
+
+def test_invalid_digest(local: LocalBackend) -> None:
+    with pytest.raises(InvalidArgument):
+        local.put(b"short", b"x")
+    with pytest.raises(InvalidArgument):
+        local.get(b"\0" * 31)
+    d, data = blob("range")
+    local.put(d, data)
+    with pytest.raises(InvalidArgument):
+        local.read(d, -1, 10)
+
+
+@pytest.mark.parametrize("victim", ["write", "fsync"])
+def test_disk_full_raises_nospace_and_leaves_no_temp(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch, victim: str
+) -> None:
+    local.put(*blob("before"))  # directories exist; the failure hits the blob write itself
+    calls: list[int] = []
+
+    def full(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, victim, full)
+    d, data = blob("full")
+    with pytest.raises(NoSpace):
+        local.put(d, data)
+    monkeypatch.undo()
+    assert calls, "the failure was never injected"
+    assert temp_files(root) == []
+    assert not local.has(d)
+    assert local.put(d, data) is True  # nothing stuck: the same put works once space is back
+    assert local.get(d) == data
+
+
+def test_disk_full_on_first_put_into_new_directory(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "mkdir", full)
+    with pytest.raises(NoSpace):
+        local.put(*blob("nodir"))
+    monkeypatch.undo()
+    assert local.put(*blob("nodir")) is True
+
+
+def test_other_error_raises_storage_error_with_one_line(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local.put(*blob("before"))
+
+    def eio(*args: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", eio)
+    d, data = blob("eio")
+    with pytest.raises(StorageError) as info:
+        local.put(d, data)
+    assert not isinstance(info.value, NoSpace)
+    assert "\n" not in info.value.message
+    assert d.hex() in info.value.message
+    monkeypatch.undo()
+    assert temp_files(root) == []
+    assert not local.has(d)
+
+
+def test_short_writes_are_completed(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def dribble(fd: int, buf: bytes) -> int:
+        return real_write(fd, memoryview(buf)[:1000])
+
+    monkeypatch.setattr(os, "write", dribble)
+    d, data = blob("short", 10_000)
+    assert local.put(d, data)
+    monkeypatch.undo()
+    assert local.get(d) == data
+
+
+def test_write_making_no_progress_fails(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "write", lambda fd, buf: 0)
+    d, data = blob("stuck")
+    with pytest.raises(StorageError):
+        local.put(d, data)
+    monkeypatch.undo()
+    assert temp_files(root) == []
+    assert not local.has(d)
+
+
+def test_interrupted_put_removes_temp(
+    local: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        local.put(*blob("interrupted"))
+    monkeypatch.undo()
+    assert temp_files(root) == []
+
+
+def test_sweep_temp(local: LocalBackend, root: Path) -> None:
+    d, data = blob("kept")
+    local.put(d, data)
+    leaf = local.path_of(d).parent
+    old = leaf / ".tmp-crashed-1"
+    young = leaf / ".tmp-live-2"
+    old.write_bytes(b"partial")
+    young.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert [x[0] for x in local.iterate()] == [d]  # temp files are never listed
+    assert local.sweep_temp(600) == 1
+    assert not old.exists()
+    assert young.exists()
+    assert local.sweep_temp(0) == 1
+    assert temp_files(root) == []
+    assert local.get(d) == data
+    assert local.sweep_temp(0) == 0
+
+
+def test_sweep_temp_on_empty_store(local: LocalBackend) -> None:
+    assert local.sweep_temp(0) == 0  # root does not even exist yet
+    assert list(local.iterate()) == []
+
+
+def test_iterate_skips_strays(local: LocalBackend, root: Path) -> None:
+    d, data = blob("real")
+    local.put(d, data)
+    leaf = local.path_of(d).parent
+    (leaf / "README").write_text("not a blob")
+    misplaced = "f" * 64
+    (leaf / misplaced).write_bytes(b"wrong directory")
+    assert [x[0] for x in local.iterate()] == [d]
+
+
+def test_verify_reads_detects_flipped_byte(root: Path) -> None:
+    d, data = blob("flip", 4096)
+    LocalBackend(root).put(d, data)
+    path = LocalBackend(root).path_of(d)
+    path.chmod(0o644)
+    with path.open("r+b") as f:
+        f.seek(1234)
+        f.write(bytes([data[1234] ^ 0x01]))
+
+    checking = LocalBackend(root, verify_reads=True)
+    with pytest.raises(Corrupt):
+        checking.get(d)
+    checking.close()
+    trusting = LocalBackend(root)
+    assert trusting.get(d) != data  # without verify_reads the damage goes unnoticed
+    trusting.close()
+
+
+def test_verify_reads_passes_good_blobs(root: Path) -> None:
+    b = LocalBackend(root, verify_reads=True)
+    for i in range(5):
+        d, data = blob(f"good-{i}", 100 * i)
+        b.put(d, data)
+        assert b.get(d) == data
+    b.close()
+
+
+def test_fd_cache_is_bounded(root: Path) -> None:
+    b = LocalBackend(root, max_open_files=4)
+    blobs = [blob(f"fd-{i}", 5000 + i) for i in range(20)]
+    for d, data in blobs:
+        b.put(d, data)
+    before = open_fd_count()
+    for rnd in range(3):
+        for d, data in blobs[rnd:] + blobs[:rnd]:
+            assert b.read(d, 17, 100) == data[17:117]
+            assert b.get(d) == data
+            assert open_fd_count() <= before + 4
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_fd_cache_bounded_under_threads(root: Path) -> None:
+    b = LocalBackend(root, max_open_files=4)
+    blobs = [blob(f"fdt-{i}", 2000) for i in range(20)]
+    for d, data in blobs:
+        b.put(d, data)
+    before = open_fd_count()
+
+    def work(t: int) -> None:
+        for i in range(200):
+            d, data = blobs[(t * 7 + i) % 20]
+            assert b.read(d, i % 2000, 64) == data[i % 2000 : i % 2000 + 64]
+
+    run_threads(8, work)
+    assert open_fd_count() <= before + 4
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_delete_drops_cached_fd(root: Path) -> None:
+    b = LocalBackend(root)
+    d, data = blob("cached")
+    b.put(d, data)
+    before = open_fd_count()
+    b.get(d)
+    assert open_fd_count() == before + 1
+    b.delete(d)
+    assert open_fd_count() == before
+    with pytest.raises(NotFound):
+        b.read(d, 0, 1)
+
+
+def test_usage_tracks_puts_and_deletes(local: LocalBackend, root: Path) -> None:
+    assert local.usage()[0] == 0
+    d1, data1 = blob("u1", 1000)
+    d2, data2 = blob("u2", 3000)
+    local.put(d1, data1)
+    local.put(d2, data2)
+    local.put(d2, data2)  # already present: not counted twice
+    used, free = local.usage()
+    assert used == 4000
+    st = os.statvfs(root)
+    assert abs(free - st.f_bavail * st.f_frsize) < 64 * 1024 * 1024
+    local.delete(d1)
+    assert local.usage()[0] == 3000
+
+    # A fresh object knows nothing until it recounts.
+    fresh = LocalBackend(root)
+    assert fresh.usage()[0] == 0
+    assert fresh.recount_usage() == 3000
+    assert fresh.usage()[0] == 3000
+
+
+def test_recreates_directory_removed_behind_its_back(local: LocalBackend, root: Path) -> None:
+    d, data = blob("gone")
+    local.put(d, data)
+    local.delete(d)
+    leaf = local.path_of(d).parent
+    leaf.rmdir()  # e.g. an external clean-up of empty directories
+    assert local.put(d, data) is True
+    assert local.get(d) == data
+
+
+def test_is_a_blob_backend(local: LocalBackend) -> None:
+    assert isinstance(local, BlobBackend)
+
+
+_CHILD = """
+import hashlib, sys
+from pathlib import Path
+from artifactfs.blobs.local import LocalBackend
+b = LocalBackend(Path(sys.argv[1]))
+me = sys.argv[2]
+for i in range(40):
+    data = hashlib.shake_256(f"shared-{i % 10}".encode()).digest(200_000)
+    b.put(hashlib.sha256(data).digest(), data)
+    data = hashlib.shake_256(f"own-{me}-{i}".encode()).digest(5_000)
+    b.put(hashlib.sha256(data).digest(), data)
+"""
+
+
+def test_concurrent_puts_from_several_processes(root: Path) -> None:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(n)]) for n in range(4)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    assert temp_files(root) == []
+    b = LocalBackend(root, verify_reads=True)
+    got = list(b.iterate())
+    assert len(got) == 10 + 4 * 40
+    for d, _, _ in got:
+        data = b.get(d)  # verify_reads checks each blob hashes to its name
+        assert hashlib.sha256(data).digest() == d
+    b.close()
