@@ -69,11 +69,18 @@ def init_store(path: Path, *, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[Sto
             index.set_meta("store_id", config.store_id)
             index.set_meta("block_size", str(block_size))
             index.insert_inode(
-                ino=ROOT_INODE, kind=NodeKind.ROOT, mode=stat.S_IFDIR | 0o755,
-                uid=os.getuid(), gid=os.getgid(), nlink=2, time_ns=now, namespace_id=None,
+                ino=ROOT_INODE,
+                kind=NodeKind.ROOT,
+                mode=stat.S_IFDIR | 0o755,
+                uid=os.getuid(),
+                gid=os.getgid(),
+                nlink=2,
+                time_ns=now,
+                namespace_id=None,
             )
-            index.append_event("store.init", {"store_id": config.store_id,
-                                              "block_size": block_size})
+            index.append_event(
+                "store.init", {"store_id": config.store_id, "block_size": block_size}
+            )
     finally:
         index.close()
     # The config is written last: its presence is what makes the directory a store.
@@ -103,7 +110,9 @@ class Store:
         if self.config.format > STORE_FORMAT:
             raise StoreError(f"{path} was made by a newer artifactfs; upgrade to use it")
         self.index = Index(path / INDEX_NAME)
-        self.backend = LocalBackend(path / "blobs", max_open_files=1024)
+        # Puts are atomic (temp + rename) but synced in batches: fsync of a file syncs the
+        # blob store (one syncfs) before its index commit. See docs/ARCHITECTURE.md.
+        self.backend = LocalBackend(path / "blobs", durable=False, max_open_files=1024)
 
     def check_private(self) -> None:
         """The store must be private to its owner: anyone who can read it bypasses the mount."""

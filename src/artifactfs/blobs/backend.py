@@ -38,6 +38,10 @@ class BlobBackend(Protocol):
         """`size` bytes from `offset` of the blob (fewer at its end). Raises `NotFound`."""
         ...
 
+    def sync(self) -> None:
+        """Make every blob stored so far durable (a no-op where puts are durable already)."""
+        ...
+
     def has(self, digest: bytes) -> bool:
         """Whether the blob is stored."""
         ...

@@ -15,8 +15,7 @@ StoreOption = Annotated[
     Path | None,
     typer.Option(
         "--store",
-        help="Store directory (default: the user's data directory, "
-        f"{default_store_path()}).",
+        help=f"Store directory (default: the user's data directory, {default_store_path()}).",
         show_default=False,
     ),
 ]

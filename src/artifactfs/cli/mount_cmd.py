@@ -31,8 +31,9 @@ def check_mountpoint(mnt: Path, *, create: bool) -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: install fuse3 and load the fuse module")
     if mounts.is_mounted(mnt):
-        raise MountError(f"{mnt} is already a mount point: unmount it first "
-                         f"(artifactfs umount {mnt})")
+        raise MountError(
+            f"{mnt} is already a mount point: unmount it first (artifactfs umount {mnt})"
+        )
     if not mnt.exists():
         if not create:
             raise MountError(f"mountpoint {mnt} does not exist: create it (mkdir -p {mnt})")
@@ -53,8 +54,9 @@ def mount(
     store: Annotated[Path | None, typer.Option("--store", help="Store directory.")] = None,
     options: Annotated[
         list[str] | None,
-        typer.Option("-o", help="FUSE mount options, e.g. -o allow_other (repeatable, or "
-                     "comma-separated)."),
+        typer.Option(
+            "-o", help="FUSE mount options, e.g. -o allow_other (repeatable, or comma-separated)."
+        ),
     ] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", "-f", help="Stay attached (for systemd).")
@@ -84,7 +86,10 @@ def mount(
     if ready_fd is None:
         check_mountpoint(mnt, create=mountpoint is None)
     settings = MountSettings(
-        store=path, mountpoint=mnt, fuse_options=opts, entry_timeout=attr_timeout,
+        store=path,
+        mountpoint=mnt,
+        fuse_options=opts,
+        entry_timeout=attr_timeout,
         attr_timeout=attr_timeout,
     )
     if foreground:
@@ -103,16 +108,31 @@ def _spawn(path: Path, mnt: Path, opts: list[str], attr_timeout: float, debug: b
     log_path = path / "logs" / f"mount-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "artifactfs.cli.main", "mount", str(path), str(mnt),
-            "--foreground", "--ready-fd", str(w), "--attr-timeout", str(attr_timeout)]
+    argv = [
+        sys.executable,
+        "-m",
+        "artifactfs.cli.main",
+        "mount",
+        str(path),
+        str(mnt),
+        "--foreground",
+        "--ready-fd",
+        str(w),
+        "--attr-timeout",
+        str(attr_timeout),
+    ]
     if debug:
         argv.append("--debug")
     for o in opts:
         argv += ["-o", o]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            pass_fds=(w,), start_new_session=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(w,),
+            start_new_session=True,
         )
     os.close(w)
     try:
@@ -126,8 +146,7 @@ def _spawn(path: Path, mnt: Path, opts: list[str], attr_timeout: float, debug: b
         tail = _last_error(log_path)
         raise MountError(f"mounting {mnt} failed: {tail} (log: {log_path})")
     mounts.record(mnt, proc.pid, path, log_path)
-    typer.echo(f"mounted {path} at {mnt} (pid {proc.pid}); unmount with: "
-               f"artifactfs umount {mnt}")
+    typer.echo(f"mounted {path} at {mnt} (pid {proc.pid}); unmount with: artifactfs umount {mnt}")
 
 
 def _last_error(log_path: Path) -> str:

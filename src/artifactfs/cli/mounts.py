@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-
 
 
 def _registry() -> Path:
@@ -25,8 +25,9 @@ def _entry(mountpoint: Path) -> Path:
 
 def record(mountpoint: Path, pid: int, store: Path, log: Path) -> None:
     _entry(mountpoint).write_text(
-        json.dumps({"mountpoint": str(mountpoint), "pid": pid, "store": str(store),
-                    "log": str(log)})
+        json.dumps(
+            {"mountpoint": str(mountpoint), "pid": pid, "store": str(store), "log": str(log)}
+        )
     )
 
 
@@ -39,10 +40,8 @@ def lookup(mountpoint: Path) -> dict[str, object] | None:
 
 
 def forget(mountpoint: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(_entry(mountpoint))
-    except FileNotFoundError:
-        pass
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -48,8 +48,7 @@ def umount(
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "fusermount3 failed"
         if "busy" in msg.lower():
-            raise MountError(f"{mnt} is busy: close the files and shells using it, "
-                             "or use --lazy")
+            raise MountError(f"{mnt} is busy: close the files and shells using it, or use --lazy")
         raise MountError(f"cannot unmount {mnt}: {msg}")
     if entry is not None:
         pid = int(str(entry["pid"]))

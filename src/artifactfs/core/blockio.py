@@ -97,14 +97,15 @@ class BlockIO:
             try:
                 out.append(self.backend.read(digest, offset, size))
             except NotFound:
-                raise StorageError(
-                    f"block {digest.hex()} is missing from the blob store"
-                ) from None
+                raise StorageError(f"block {digest.hex()} is missing from the blob store") from None
         return out
 
     async def read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
         """Read (digest, offset, size) pieces in one worker-thread hop."""
         return await trio.to_thread.run_sync(self._read_many, pieces, limiter=self.limiter)
+
+    async def sync(self) -> None:
+        await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
 
     async def hash_update(self, hasher: hashlib._Hash, data: bytes) -> None:
         await trio.to_thread.run_sync(hasher.update, data, limiter=self.limiter)

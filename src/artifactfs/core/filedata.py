@@ -275,6 +275,9 @@ class FileData:
                 if isinstance(exc, FsError):
                     raise exc
                 raise StorageError(f"storing data of inode {self.ino} failed: {exc}")
+            if durable and self.staged:
+                # Blocks first, then the index that points at them.
+                await self.io.sync()
             if self.changed or self.staged or self.drop_from is not None:
                 sha = None
                 if self.hasher is not None and self.hash_pos == self.size:
@@ -307,8 +310,11 @@ class FileData:
         """Bytes of storage the file's non-hole blocks take (for st_blocks)."""
         idxs = set(self.committed) | set(self.dirty) | set(self.sealed)
         idxs |= {i for i, v in self.staged.items() if v is not None}
-        idxs -= {i for i, v in self.staged.items() if v is None and i not in self.dirty
-                 and i not in self.sealed}
+        idxs -= {
+            i
+            for i, v in self.staged.items()
+            if v is None and i not in self.dirty and i not in self.sealed
+        }
         return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
 
     @property

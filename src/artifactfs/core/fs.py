@@ -42,13 +42,13 @@ from artifactfs.errors import (
     InvalidArgument,
     InvalidName,
     IsADirectory,
+    NameTooLong,
     NoData,
     NoSpace,
     NotADirectory,
     NotEmpty,
     NotFound,
     NotPermitted,
-    NameTooLong,
     NotSupported,
     OutOfRange,
     ReadOnly,
@@ -140,9 +140,19 @@ class FileSystem:
         elif kind.is_dir:
             stored = 4096
         return Attr(
-            ino=row.id, mode=row.mode, nlink=row.nlink, uid=row.uid, gid=row.gid,
-            rdev=row.rdev, size=size, atime_ns=row.atime_ns, mtime_ns=mtime, ctime_ns=ctime,
-            btime_ns=row.btime_ns, stored=stored, kind=kind,
+            ino=row.id,
+            mode=row.mode,
+            nlink=row.nlink,
+            uid=row.uid,
+            gid=row.gid,
+            rdev=row.rdev,
+            size=size,
+            atime_ns=row.atime_ns,
+            mtime_ns=mtime,
+            ctime_ns=ctime,
+            btime_ns=row.btime_ns,
+            stored=stored,
+            kind=kind,
         )
 
     def _place(self, row: InodeRow) -> Place:
@@ -161,8 +171,7 @@ class FileSystem:
         if scope is None:
             return Place(sandbox="?", scope_kind="?")
         sb = self.index.sandbox_by_id(scope.sandbox_id)
-        return Place(sandbox=sb.name if sb else "?", scope_kind=scope.kind,
-                     scope_owner=scope.owner)
+        return Place(sandbox=sb.name if sb else "?", scope_kind=scope.kind, scope_owner=scope.owner)
 
     def _require(self, op: Op, row: InodeRow) -> None:
         if self.view.is_admin:
@@ -248,12 +257,12 @@ class FileSystem:
                 raise InvalidArgument()
             if ch.size > MAX_FILE_SIZE:
                 raise FileTooBig()
-            data = self._acquire(row)
+            sized = self._acquire(row)
             try:
-                await data.truncate(ch.size)
-                await data.commit()
+                await sized.truncate(ch.size)
+                await sized.commit()
             finally:
-                self._release_data(data)
+                self._release_data(sized)
             row = self._row(ino)
         data = self.files.get(ino)
         if ch.mode is not None:
@@ -300,8 +309,17 @@ class FileSystem:
             raise Exists()
 
     def _insert_child(
-        self, parent: InodeRow, name: bytes, kind: NodeKind, mode: int, caller: Caller, *,
-        namespace_id: int | None, rdev: int = 0, size: int = 0, now: int,
+        self,
+        parent: InodeRow,
+        name: bytes,
+        kind: NodeKind,
+        mode: int,
+        caller: Caller,
+        *,
+        namespace_id: int | None,
+        rdev: int = 0,
+        size: int = 0,
+        now: int,
     ) -> InodeRow:
         gid = caller.gid
         if parent.mode & stat.S_ISGID and not NodeKind(parent.kind).is_grid:
@@ -310,8 +328,15 @@ class FileSystem:
                 mode |= stat.S_ISGID
         is_dir = kind.is_dir
         row = self.index.insert_inode(
-            kind=kind, mode=mode, uid=caller.uid, gid=gid, nlink=2 if is_dir else 1,
-            time_ns=now, namespace_id=namespace_id, rdev=rdev, size=size,
+            kind=kind,
+            mode=mode,
+            uid=caller.uid,
+            gid=gid,
+            nlink=2 if is_dir else 1,
+            time_ns=now,
+            namespace_id=namespace_id,
+            rdev=rdev,
+            size=size,
         )
         self.index.add_dentry(parent.id, name, row.id)
         if is_dir:
@@ -335,8 +360,9 @@ class FileSystem:
                 self._check_inner_name(prow, name)
                 self._require(Op.WRITE, prow)
                 self._check_free(prow, name)
-                row = self._insert_child(prow, name, NodeKind.DIR, mode, caller,
-                                         namespace_id=prow.namespace_id, now=now)
+                row = self._insert_child(
+                    prow, name, NodeKind.DIR, mode, caller, namespace_id=prow.namespace_id, now=now
+                )
         self.remember(row.id)
         return self._attr(row)
 
@@ -352,8 +378,9 @@ class FileSystem:
         if decide(self.view, Op.CREATE_SANDBOX, Place()) is not Decision.ALLOW:
             raise AccessDenied("this credential cannot create sandboxes")
         self._check_free(root, name)
-        row = self._insert_child(root, name, NodeKind.SANDBOX, mode, caller,
-                                 namespace_id=None, now=now)
+        row = self._insert_child(
+            root, name, NodeKind.SANDBOX, mode, caller, namespace_id=None, now=now
+        )
         self.index.insert_sandbox(text, row.id, now)
         self.index.append_event("sandbox.create", {"name": text, "uid": caller.uid}, text)
         return row
@@ -372,8 +399,9 @@ class FileSystem:
         if decide(self.view, Op.CREATE_SCOPE, place) is not Decision.ALLOW:
             raise AccessDenied("this credential cannot create scopes")
         self._check_free(sandbox, name)
-        row = self._insert_child(sandbox, name, NodeKind.SCOPE, mode, caller,
-                                 namespace_id=None, now=now)
+        row = self._insert_child(
+            sandbox, name, NodeKind.SCOPE, mode, caller, namespace_id=None, now=now
+        )
         self.index.insert_scope(sb.id, scope.kind, scope.owner, scope.name, row.id, now)
         self.index.append_event(
             "scope.create", {"sandbox": sb.name, "scope": scope.name, "uid": caller.uid}, sb.name
@@ -401,15 +429,19 @@ class FileSystem:
             self.index.set_sha256(row.id, row.sha256)
         self.index.append_event(
             "namespace.create",
-            {"id": public_id, "kind": kind, "sandbox": sb.name, "scope": scope.name,
-             "name": text, "owner": owner},
+            {
+                "id": public_id,
+                "kind": kind,
+                "sandbox": sb.name,
+                "scope": scope.name,
+                "name": text,
+                "owner": owner,
+            },
             sb.name,
         )
         return row
 
-    async def mknod(
-        self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller
-    ) -> Attr:
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
         else:
@@ -418,14 +450,26 @@ class FileSystem:
                 raise NotPermitted("only directories and regular files can be grid namespaces")
             self._check_inner_name(prow, name)
             self._require(Op.WRITE, prow)
-            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
-                    or stat.S_ISBLK(mode)):
+            if not (
+                stat.S_ISFIFO(mode)
+                or stat.S_ISSOCK(mode)
+                or stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode)
+            ):
                 raise InvalidArgument("unknown file type")
             now = _now()
             with self.index.txn():
                 self._check_free(prow, name)
-                row = self._insert_child(prow, name, NodeKind.SPECIAL, mode, caller,
-                                         namespace_id=prow.namespace_id, rdev=rdev, now=now)
+                row = self._insert_child(
+                    prow,
+                    name,
+                    NodeKind.SPECIAL,
+                    mode,
+                    caller,
+                    namespace_id=prow.namespace_id,
+                    rdev=rdev,
+                    now=now,
+                )
         self.remember(row.id)
         return self._attr(row)
 
@@ -444,8 +488,9 @@ class FileSystem:
             self._check_inner_name(prow, name)
             self._require(Op.WRITE, prow)
             self._check_free(prow, name)
-            row = self._insert_child(prow, name, NodeKind.FILE, mode, caller,
-                                     namespace_id=prow.namespace_id, now=now)
+            row = self._insert_child(
+                prow, name, NodeKind.FILE, mode, caller, namespace_id=prow.namespace_id, now=now
+            )
             row.sha256 = hashlib.sha256(b"").digest()
             self.index.set_sha256(row.id, row.sha256)
             return row
@@ -465,15 +510,24 @@ class FileSystem:
         self._check_inner_name(prow, name)
         self._require(Op.WRITE, prow)
         if len(target) > 4095 or not target:
-            raise NameTooLong("link target too long") if target else InvalidArgument(
-                "empty link target"
+            raise (
+                NameTooLong("link target too long")
+                if target
+                else InvalidArgument("empty link target")
             )
         now = _now()
         with self.index.txn():
             self._check_free(prow, name)
-            row = self._insert_child(prow, name, NodeKind.SYMLINK, stat.S_IFLNK | 0o777,
-                                     caller, namespace_id=prow.namespace_id,
-                                     size=len(target), now=now)
+            row = self._insert_child(
+                prow,
+                name,
+                NodeKind.SYMLINK,
+                stat.S_IFLNK | 0o777,
+                caller,
+                namespace_id=prow.namespace_id,
+                size=len(target),
+                now=now,
+            )
             self.index.set_symlink(row.id, target)
         self.remember(row.id)
         return self._attr(row)
@@ -568,7 +622,8 @@ class FileSystem:
                 sb = self.index.sandbox_by_id(scope.sandbox_id)
                 self.index.delete_scope(scope.id)
                 self.index.append_event(
-                    "scope.destroy", {"scope": scope.name, "sandbox": sb.name if sb else None},
+                    "scope.destroy",
+                    {"scope": scope.name, "sandbox": sb.name if sb else None},
                     sb.name if sb else None,
                 )
             elif kind is NodeKind.NSROOT:
@@ -585,15 +640,25 @@ class FileSystem:
         self.index.delete_namespace(ns.id)
         self.index.append_event(
             "namespace.destroy",
-            {"id": ns.public_id, "kind": ns.kind, "name": ns.name,
-             "scope": scope.name if scope else None, "sandbox": sb.name if sb else None},
+            {
+                "id": ns.public_id,
+                "kind": ns.kind,
+                "name": ns.name,
+                "scope": scope.name if scope else None,
+                "sandbox": sb.name if sb else None,
+            },
             sb.name if sb else None,
         )
 
     # ---- rename -------------------------------------------------------------------------------
 
     async def rename(
-        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
         caller: Caller,
     ) -> None:
         op = self._dir_row(old_parent)
@@ -670,10 +735,15 @@ class FileSystem:
             cur = up[0] if up else None
 
     async def _rename_grid(
-        self, op: InodeRow, old_name: bytes, np: InodeRow, new_name: bytes, src: InodeRow,
+        self,
+        op: InodeRow,
+        old_name: bytes,
+        np: InodeRow,
+        new_name: bytes,
+        src: InodeRow,
         flags: int,
     ) -> None:
-        okind, nkind = NodeKind(op.kind), NodeKind(np.kind)
+        okind = NodeKind(op.kind)
         if op.id != np.id:
             # Across scopes, sandboxes, or between a grid level and a workspace: like a
             # different filesystem, so that mv copies.
@@ -722,8 +792,13 @@ class FileSystem:
             place = self._place(op)
             self.index.append_event(
                 "namespace.rename",
-                {"id": ns.public_id, "from": ns.name, "to": text, "sandbox": place.sandbox,
-                 "scope": self.index.scope_by_inode(op.id).name},  # type: ignore[union-attr]
+                {
+                    "id": ns.public_id,
+                    "from": ns.name,
+                    "to": text,
+                    "sandbox": place.sandbox,
+                    "scope": self.index.scope_by_inode(op.id).name,
+                },  # type: ignore[union-attr]
                 place.sandbox,
             )
         if dst is not None:
@@ -735,12 +810,15 @@ class FileSystem:
         data = self.files.get(row.id)
         if data is None:
             data = FileData(
-                self.io, self.index, self.nursery, ino=row.id, size=row.size,
-                mtime_ns=row.mtime_ns, ctime_ns=row.ctime_ns,
+                self.io,
+                self.index,
+                self.nursery,
+                ino=row.id,
+                size=row.size,
+                mtime_ns=row.mtime_ns,
+                ctime_ns=row.ctime_ns,
                 committed=self.index.block_map(row.id),
             )
-            if row.size == 0:
-                data.hasher = hashlib.sha256()
             self.files[row.id] = data
         data.users += 1
         return data
@@ -985,8 +1063,11 @@ class FileSystem:
             raise InvalidArgument("empty attribute name")
         if len(name) > 255:
             raise OutOfRange("attribute name longer than 255 bytes")
-        if not (name.startswith(b"user.") or name.startswith(b"trusted.")
-                or name.startswith(b"security.")):
+        if not (
+            name.startswith(b"user.")
+            or name.startswith(b"trusted.")
+            or name.startswith(b"security.")
+        ):
             raise NotSupported("only user.*, trusted.* and security.* attributes are stored")
 
 

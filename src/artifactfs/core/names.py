@@ -63,7 +63,7 @@ def parse_scope_name(name: bytes) -> ScopeName:
         return ScopeName("shared", "", text)
     for prefix, kind in (("user-", "user"), ("sess-", "session")):
         if text.startswith(prefix):
-            ident = text[len(prefix):]
+            ident = text[len(prefix) :]
             if ident and _ID_RE.match(ident):
                 return ScopeName(kind, ident, text)
     raise InvalidName(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -27,7 +27,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _translate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _translate(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -222,8 +224,9 @@ class FuseOperations(pyfuse3.Operations):
             if not entries:
                 return
             for ent in entries:
-                if not pyfuse3.readdir_reply(token, ent.name, self._entry(ent.attr),
-                                             ent.next_offset):
+                if not pyfuse3.readdir_reply(
+                    token, ent.name, self._entry(ent.attr), ent.next_offset
+                ):
                     return
                 # readdirplus hands the kernel a reference, as a lookup would.
                 self.fs.remember(ent.attr.ino)
@@ -265,11 +268,9 @@ class FuseOperations(pyfuse3.Operations):
         await self.fs.setxattr(inode, name, value, _caller(ctx))
 
     @_translate
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         return await self.fs.listxattr(inode)
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.removexattr(inode, name, _caller(ctx))
-
-

@@ -210,13 +210,40 @@ class Index:
             "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, "
             "mtime_ns, ctime_ns, btime_ns, namespace_id, sha256) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-            (ino, kind, mode, uid, gid, nlink, size, rdev, time_ns, time_ns, time_ns, time_ns,
-             namespace_id),
+            (
+                ino,
+                kind,
+                mode,
+                uid,
+                gid,
+                nlink,
+                size,
+                rdev,
+                time_ns,
+                time_ns,
+                time_ns,
+                time_ns,
+                namespace_id,
+            ),
         )
         new_id = ino if ino is not None else cur.lastrowid
         assert new_id is not None
-        return InodeRow(new_id, kind, mode, uid, gid, nlink, size, rdev, time_ns, time_ns,
-                        time_ns, time_ns, namespace_id, None)
+        return InodeRow(
+            new_id,
+            kind,
+            mode,
+            uid,
+            gid,
+            nlink,
+            size,
+            rdev,
+            time_ns,
+            time_ns,
+            time_ns,
+            time_ns,
+            namespace_id,
+            None,
+        )
 
     def update_inode(self, row: InodeRow) -> None:
         """Write back every mutable column of `row`."""
@@ -224,8 +251,20 @@ class Index:
             "UPDATE inodes SET mode = ?, uid = ?, gid = ?, nlink = ?, size = ?, rdev = ?, "
             "atime_ns = ?, mtime_ns = ?, ctime_ns = ?, namespace_id = ?, sha256 = ? "
             "WHERE id = ?",
-            (row.mode, row.uid, row.gid, row.nlink, row.size, row.rdev, row.atime_ns,
-             row.mtime_ns, row.ctime_ns, row.namespace_id, row.sha256, row.id),
+            (
+                row.mode,
+                row.uid,
+                row.gid,
+                row.nlink,
+                row.size,
+                row.rdev,
+                row.atime_ns,
+                row.mtime_ns,
+                row.ctime_ns,
+                row.namespace_id,
+                row.sha256,
+                row.id,
+            ),
         )
 
     def update_file_state(
@@ -308,8 +347,9 @@ class Index:
 
     def has_children(self, parent: int) -> bool:
         return (
-            self.conn.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,))
-            .fetchone()
+            self.conn.execute(
+                "SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,)
+            ).fetchone()
             is not None
         )
 
@@ -493,12 +533,16 @@ class Index:
 
     def stored_bytes(self) -> tuple[int, int]:
         """(number of blobs, their total size)."""
-        n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM blobs").fetchone()
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+        ).fetchone()
         return int(n), int(total)
 
     def count_block_refs(self, digest: bytes) -> int:
         return int(
-            self.conn.execute("SELECT count(*) FROM blocks WHERE digest = ?", (digest,)).fetchone()[0]
+            self.conn.execute("SELECT count(*) FROM blocks WHERE digest = ?", (digest,)).fetchone()[
+                0
+            ]
         )
 
     # ---- symlinks -----------------------------------------------------------------------------
@@ -531,7 +575,9 @@ class Index:
     def list_xattrs(self, ino: int) -> list[bytes]:
         return [
             bytes(r[0])
-            for r in self.conn.execute("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+            for r in self.conn.execute(
+                "SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,)
+            )
         ]
 
     def xattr_total(self, ino: int) -> int:

@@ -1,0 +1,594 @@
+"""The SQLite index without the layers above: migrations, transactions, named queries, and the
+invariant queries the core tests rely on."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from artifactfs.errors import StoreTooNew
+from artifactfs.index import migrations
+from artifactfs.index.db import Index, InodeRow
+from artifactfs.index.migrations import MIGRATIONS, migrate, schema_version
+from artifactfs.index.schema import SCHEMA_VERSION
+
+TABLES = {
+    "meta", "inodes", "dentries", "sandboxes", "scopes", "namespaces", "blocks", "blobs",
+    "symlinks", "xattrs", "events",
+}
+D1, D2, D3 = (bytes([i]) * 32 for i in (1, 2, 3))
+
+
+class Boom(Exception):
+    pass
+
+
+def tables(conn: sqlite3.Connection) -> set[str]:
+    return {
+        r[0]
+        for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        if not r[0].startswith("sqlite_")
+    }
+
+
+def schema_text(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return sorted(
+        (r[0], r[1] or "") for r in conn.execute("SELECT name, sql FROM sqlite_master")
+    )
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "index.sqlite3"
+
+
+@pytest.fixture
+def index(db_path: Path) -> Iterator[Index]:
+    ix = Index(db_path, create=True)
+    yield ix
+    ix.close()
+
+
+def new_inode(ix: Index, *, kind: int = 5, nlink: int = 1, mode: int = stat.S_IFREG | 0o644,
+              size: int = 0) -> InodeRow:
+    with ix.txn():
+        return ix.insert_inode(kind=kind, mode=mode, uid=1, gid=2, nlink=nlink, time_ns=7,
+                               namespace_id=None, size=size)
+
+
+def root(ix: Index) -> InodeRow:
+    with ix.txn():
+        return ix.insert_inode(ino=1, kind=0, mode=stat.S_IFDIR | 0o755, uid=0, gid=0,
+                               nlink=2, time_ns=1, namespace_id=None)
+
+
+# ---- migrations -----------------------------------------------------------------------------
+
+
+def test_migrations_cover_every_version() -> None:
+    assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))
+
+
+def test_migrate_empty_database_to_current(db_path: Path) -> None:
+    ix = Index(db_path, create=True)
+    try:
+        assert ix.start_version == 0
+        assert schema_version(ix.conn) == SCHEMA_VERSION
+        assert tables(ix.conn) == TABLES
+    finally:
+        ix.close()
+
+
+def test_reopen_is_a_no_op(db_path: Path) -> None:
+    Index(db_path, create=True).close()
+    with raw(db_path) as c:
+        before = schema_text(c)
+    ix = Index(db_path)
+    try:
+        assert ix.start_version == SCHEMA_VERSION
+        assert schema_version(ix.conn) == SCHEMA_VERSION
+        assert schema_text(ix.conn) == before
+    finally:
+        ix.close()
+
+
+def test_open_missing_without_create(db_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Index(db_path)
+    assert not db_path.exists()
+
+
+@pytest.mark.parametrize("start", sorted(MIGRATIONS))
+def test_each_migration_step(db_path: Path, start: int) -> None:
+    conn = raw(db_path)
+    try:
+        migrate(conn, target=start)
+        assert schema_version(conn) == start
+        assert migrate(conn, target=start + 1) == start
+        assert schema_version(conn) == start + 1
+    finally:
+        conn.close()
+    if start + 1 == SCHEMA_VERSION:
+        ix = Index(db_path)
+        try:
+            assert tables(ix.conn) == TABLES
+        finally:
+            ix.close()
+
+
+def test_newer_database_is_refused(db_path: Path) -> None:
+    Index(db_path, create=True).close()
+    conn = raw(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreTooNew):
+        Index(db_path)
+    conn = raw(db_path)
+    try:
+        assert schema_version(conn) == SCHEMA_VERSION + 1
+    finally:
+        conn.close()
+
+
+def test_failing_first_step_rolls_back(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half_done (x INTEGER)")
+        raise Boom("step failed")
+
+    monkeypatch.setitem(migrations.MIGRATIONS, 0, failing)
+    with pytest.raises(Boom):
+        Index(db_path, create=True)
+    conn = raw(db_path)
+    try:
+        assert schema_version(conn) == 0
+        assert tables(conn) == set()
+    finally:
+        conn.close()
+
+
+def test_failing_later_step_keeps_earlier_steps(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE inodes ADD COLUMN half_done INTEGER")
+        conn.execute("CREATE TABLE half_done (x INTEGER)")
+        raise Boom("step failed")
+
+    monkeypatch.setitem(migrations.MIGRATIONS, SCHEMA_VERSION, failing)
+    conn = raw(db_path)
+    try:
+        with pytest.raises(Boom):
+            migrate(conn, target=SCHEMA_VERSION + 1)
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert tables(conn) == TABLES
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(inodes)")]
+        assert "half_done" not in cols
+        assert not conn.in_transaction
+    finally:
+        conn.close()
+
+
+def test_wal_mode(index: Index, db_path: Path) -> None:
+    assert index.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn = raw(db_path)
+    try:  # WAL is a property of the file, seen by every connection
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+# ---- transactions ---------------------------------------------------------------------------
+
+
+def test_txn_commits(index: Index, db_path: Path) -> None:
+    with index.txn():
+        index.set_meta("k", "v")
+    conn = raw(db_path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'k'").fetchone() == ("v",)
+    finally:
+        conn.close()
+
+
+def test_txn_rolls_back_on_exception(index: Index) -> None:
+    with index.txn():
+        index.set_meta("k", "old")
+    with pytest.raises(Boom), index.txn():
+        index.set_meta("k", "new")
+        index.set_meta("other", "x")
+        raise Boom()
+    assert index.get_meta("k") == "old"
+    assert index.get_meta("other") is None
+    assert not index.conn.in_transaction
+    with index.txn():  # usable again afterwards
+        index.set_meta("k", "newer")
+    assert index.get_meta("k") == "newer"
+
+
+def test_nested_txn_joins_outer(index: Index, db_path: Path) -> None:
+    other = raw(db_path)
+    try:
+        with index.txn():
+            with index.txn():
+                index.set_meta("inner", "1")
+            # The inner block did not commit on its own.
+            assert other.execute("SELECT 1 FROM meta WHERE key = 'inner'").fetchone() is None
+            assert index.conn.in_transaction
+            index.set_meta("outer", "1")
+        rows = other.execute("SELECT key FROM meta ORDER BY key").fetchall()
+        assert rows == [("inner",), ("outer",)]
+    finally:
+        other.close()
+
+
+def test_nested_txn_failure_rolls_back_outer(index: Index) -> None:
+    with pytest.raises(Boom), index.txn():
+        index.set_meta("outer", "1")
+        with index.txn():
+            index.set_meta("inner", "1")
+            raise Boom()
+    assert index.get_meta("outer") is None
+    assert index.get_meta("inner") is None
+    assert not index.conn.in_transaction
+    with index.txn():
+        index.set_meta("after", "1")
+    assert index.get_meta("after") == "1"
+
+
+def test_make_durable_keeps_data(index: Index) -> None:
+    with index.txn():
+        index.set_meta("store_id", "abc")
+    index.make_durable()
+    assert index.get_meta("store_id") == "abc"
+    assert index.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # back to NORMAL
+
+
+# ---- inodes ---------------------------------------------------------------------------------
+
+
+def test_inode_round_trip(index: Index) -> None:
+    row = new_inode(index, size=10)
+    assert index.get_inode(row.id) == row
+    row.mode = stat.S_IFREG | 0o600
+    row.uid, row.gid, row.nlink, row.size = 5, 6, 3, 99
+    row.atime_ns, row.mtime_ns, row.ctime_ns = 11, 12, 13
+    row.sha256 = D1
+    with index.txn():
+        index.update_inode(row)
+    assert index.get_inode(row.id) == row
+    assert index.get_inode(row.id + 1000) is None
+
+
+def test_inode_numbers_are_never_reused(index: Index) -> None:
+    a = new_inode(index)
+    b = new_inode(index)
+    with index.txn():
+        index.delete_inode(b.id)
+    c = new_inode(index)
+    assert c.id > b.id > a.id
+
+
+def test_delete_inode_removes_what_hangs_off_it(index: Index) -> None:
+    row = new_inode(index, size=5)
+    with index.txn():
+        index.set_blocks(row.id, [(0, D1)])
+        index.set_xattr(row.id, b"user.a", b"1")
+        index.set_symlink(row.id, b"target")
+        index.delete_inode(row.id)
+    assert index.get_inode(row.id) is None
+    assert index.block_map(row.id) == {}
+    assert index.list_xattrs(row.id) == []
+    assert index.get_symlink(row.id) is None
+
+
+def test_nlink_and_times(index: Index) -> None:
+    row = new_inode(index)
+    with index.txn():
+        index.add_nlink(row.id, 2)
+        index.add_nlink(row.id, -1, ctime_ns=50)
+        index.touch_inode(row.id, mtime_ns=None, ctime_ns=60)
+    got = index.get_inode(row.id)
+    assert got is not None
+    assert (got.nlink, got.ctime_ns, got.mtime_ns) == (2, 60, 7)
+    with index.txn():
+        index.touch_inode(row.id, mtime_ns=70, ctime_ns=71)
+        index.update_file_state(row.id, 123, 80, 81, D2)
+    got = index.get_inode(row.id)
+    assert got is not None
+    assert (got.size, got.mtime_ns, got.ctime_ns, got.sha256) == (123, 80, 81, D2)
+
+
+def test_unlinked_inodes(index: Index) -> None:
+    a = new_inode(index)
+    b = new_inode(index, nlink=0)
+    assert index.unlinked_inodes() == [b.id]
+    assert index.count_inodes() == 2
+    assert a.id not in index.unlinked_inodes()
+
+
+# ---- directory entries ----------------------------------------------------------------------
+
+
+def test_dentries(index: Index) -> None:
+    r = root(index)
+    d = new_inode(index, kind=4, nlink=2, mode=stat.S_IFDIR | 0o755)
+    f = new_inode(index)
+    with index.txn():
+        index.add_dentry(r.id, b"d", d.id)
+        index.add_dentry(d.id, b"f", f.id)
+        index.add_dentry(d.id, b"\xff\xfe", f.id)  # names are bytes, not text
+    assert index.lookup_child(r.id, b"d") == d.id
+    assert index.lookup_child(r.id, b"nope") is None
+    assert index.lookup_child_inode(d.id, b"f") == f
+    assert index.lookup_child_inode(d.id, b"\xff\xfe") == f
+    assert index.lookup_child_inode(d.id, b"g") is None
+    assert index.count_dentries(f.id) == 2
+    assert index.parent_of(d.id) == (r.id, b"d")
+    assert index.parent_of(r.id) is None
+    assert index.has_children(d.id)
+    assert not index.has_children(f.id)
+    with pytest.raises(sqlite3.IntegrityError), index.txn():
+        index.add_dentry(d.id, b"f", d.id)
+    with index.txn():
+        index.move_dentry(d.id, b"f", r.id, b"g")
+    assert index.lookup_child(d.id, b"f") is None
+    assert index.lookup_child(r.id, b"g") == f.id
+    with index.txn():
+        index.set_dentry_inode(r.id, b"g", d.id)
+    assert index.lookup_child(r.id, b"g") == d.id
+    with index.txn():
+        index.remove_dentry(r.id, b"g")
+        index.remove_dentry(d.id, b"\xff\xfe")
+    assert index.lookup_child(r.id, b"g") is None
+    assert not index.has_children(d.id)
+    assert index.count_dentries(f.id) == 0
+
+
+def test_list_children_paging(index: Index) -> None:
+    r = root(index)
+    f = new_inode(index)
+    names = [f"n{i:02d}".encode() for i in range(25)]
+    with index.txn():
+        for n in reversed(names):  # listing follows creation order, not name order
+            index.add_dentry(r.id, n, f.id)
+    pages: list[list[bytes]] = []
+    after = 0
+    while True:
+        page = index.list_children(r.id, after=after, limit=10)
+        if not page:
+            break
+        pages.append([name for _, name, _ in page])
+        assert all(row == f for _, _, row in page)
+        ids = [i for i, _, _ in page]
+        assert ids == sorted(ids) and ids[0] > after
+        after = ids[-1]
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert [n for p in pages for n in p] == list(reversed(names))
+    assert index.list_children(r.id, after=after) == []
+    assert index.list_children(f.id) == []
+
+
+def test_list_children_resume_after_removal(index: Index) -> None:
+    r = root(index)
+    f = new_inode(index)
+    with index.txn():
+        for n in (b"a", b"b", b"c", b"d"):
+            index.add_dentry(r.id, n, f.id)
+    first = index.list_children(r.id, limit=2)
+    with index.txn():
+        index.remove_dentry(r.id, b"b")  # already listed
+        index.remove_dentry(r.id, b"c")  # not yet listed
+    rest = index.list_children(r.id, after=first[-1][0])
+    assert [n for _, n, _ in first] == [b"a", b"b"]
+    assert [n for _, n, _ in rest] == [b"d"]
+
+
+# ---- block maps and blobs -------------------------------------------------------------------
+
+
+def test_block_maps(index: Index) -> None:
+    f = new_inode(index, size=5 * 4096)
+    with index.txn():
+        index.set_blocks(f.id, [(0, D1), (1, D2), (3, D1), (4, D3)])
+    assert index.block_map(f.id) == {0: D1, 1: D2, 3: D1, 4: D3}
+    assert index.block_stats(f.id) == (4, 4)
+    assert index.count_block_refs(D1) == 2
+    with index.txn():
+        index.set_blocks(f.id, [(1, None), (2, D3), (0, D2)])  # hole, new block, replace
+    assert index.block_map(f.id) == {0: D2, 2: D3, 3: D1, 4: D3}
+    with index.txn():
+        index.drop_blocks_from(f.id, 3)
+    assert index.block_map(f.id) == {0: D2, 2: D3}
+    assert index.block_stats(f.id) == (2, 2)
+    g = new_inode(index)
+    assert index.block_stats(g.id) == (0, -1)
+    with index.txn():
+        index.copy_blocks(f.id, g.id)
+    assert index.block_map(g.id) == {0: D2, 2: D3}
+    with index.txn():
+        index.drop_blocks_from(f.id, 0)
+    assert index.block_map(f.id) == {}
+    assert index.block_map(g.id) == {0: D2, 2: D3}
+
+
+def test_blobs_recorded_once(index: Index) -> None:
+    assert index.stored_bytes() == (0, 0)
+    with index.txn():
+        index.record_blobs([(D1, 100), (D2, 50)], 1)
+        index.record_blobs([(D1, 100)], 2)
+    assert index.known_blob(D1) and index.known_blob(D2)
+    assert not index.known_blob(D3)
+    assert index.stored_bytes() == (2, 150)
+
+
+# ---- symlinks and xattrs --------------------------------------------------------------------
+
+
+def test_symlinks(index: Index) -> None:
+    s = new_inode(index, kind=6, mode=stat.S_IFLNK | 0o777)
+    with index.txn():
+        index.set_symlink(s.id, b"../some/\xfftarget")
+    assert index.get_symlink(s.id) == b"../some/\xfftarget"
+    assert index.get_symlink(s.id + 1) is None
+
+
+def test_xattrs(index: Index) -> None:
+    f = new_inode(index)
+    g = new_inode(index)
+    assert index.get_xattr(f.id, b"user.a") is None
+    with index.txn():
+        index.set_xattr(f.id, b"user.b", b"two")
+        index.set_xattr(f.id, b"user.a", b"")
+        index.set_xattr(f.id, b"user.b", b"\x00binary\xff")
+        index.set_xattr(g.id, b"user.a", b"other")
+    assert index.get_xattr(f.id, b"user.a") == b""
+    assert index.get_xattr(f.id, b"user.b") == b"\x00binary\xff"
+    assert index.list_xattrs(f.id) == [b"user.a", b"user.b"]
+    assert index.xattr_total(f.id) == len(b"user.a") + len(b"user.b") + len(b"\x00binary\xff")
+    with index.txn():
+        assert index.remove_xattr(f.id, b"user.a") is True
+        assert index.remove_xattr(f.id, b"user.a") is False
+    assert index.list_xattrs(f.id) == [b"user.b"]
+    assert index.get_xattr(g.id, b"user.a") == b"other"
+    assert index.xattr_total(new_inode(index).id) == 0
+
+
+# ---- grid rows ------------------------------------------------------------------------------
+
+
+def test_grid_rows(index: Index) -> None:
+    sbi = new_inode(index, kind=1, nlink=2, mode=stat.S_IFDIR | 0o755)
+    sci = new_inode(index, kind=2, nlink=2, mode=stat.S_IFDIR | 0o755)
+    nsi = new_inode(index, kind=3, nlink=2, mode=stat.S_IFDIR | 0o755)
+    with index.txn():
+        sb = index.insert_sandbox("acme", sbi.id, 1)
+        sc = index.insert_scope(sb, "user", "alice", "user-alice", sci.id, 2)
+        ns = index.insert_namespace("pub", sc, "workspace", "0", "ws", nsi.id, 3)
+    assert index.sandbox_by_inode(sbi.id) == index.sandbox_by_id(sb)
+    scope = index.scope_by_inode(sci.id)
+    assert scope is not None and (scope.kind, scope.owner, scope.name) == (
+        "user", "alice", "user-alice")
+    assert index.scope_by_id(sc) == scope
+    nsrow = index.namespace_by_root(nsi.id)
+    assert nsrow is not None and nsrow == index.namespace_by_id(ns)
+    assert (nsrow.public_id, nsrow.kind, nsrow.name) == ("pub", "workspace", "ws")
+    got = index.get_inode(nsi.id)
+    assert got is not None and got.namespace_id == ns
+    with index.txn():
+        index.rename_namespace(ns, "ws2")
+        index.rename_sandbox(sb, "acme2")
+    assert index.namespace_by_id(ns).name == "ws2"  # type: ignore[union-attr]
+    assert index.sandbox_by_id(sb).name == "acme2"  # type: ignore[union-attr]
+    assert index.count_namespaces() == 1
+    with pytest.raises(sqlite3.IntegrityError), index.txn():
+        index.insert_namespace("pub2", sc, "blob", "0", "ws2", sbi.id, 4)
+    with index.txn():
+        index.delete_namespace(ns)
+        index.delete_scope(sc)
+        index.delete_sandbox(sb)
+    assert index.count_namespaces() == 0
+    assert index.scope_by_id(sc) is None and index.sandbox_by_id(sb) is None
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+def test_events_cbor_round_trip_and_order(index: Index, db_path: Path) -> None:
+    payloads = [
+        {"id": "abc", "n": 1, "nested": {"list": [1, "two", b"\x00\xff"]}, "none": None},
+        {"big": 2**40, "neg": -5, "float": 1.5, "bool": True},
+        {},
+    ]
+    with index.txn():
+        seqs = [
+            index.append_event("namespace.create", payloads[0], "acme"),
+            index.append_event("mount.start", payloads[1]),
+            index.append_event("namespace.destroy", payloads[2], "acme"),
+        ]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    evs = index.events()
+    assert [e.seq for e in evs] == seqs
+    assert [e.payload for e in evs] == payloads
+    assert [e.type for e in evs] == ["namespace.create", "mount.start", "namespace.destroy"]
+    assert [e.sandbox for e in evs] == ["acme", None, "acme"]
+    assert all(e.time_ns > 0 for e in evs)
+    assert [e.time_ns for e in evs] == sorted(e.time_ns for e in evs)
+    # Stored as CBOR bytes, readable by any CBOR decoder.
+    conn = raw(db_path)
+    try:
+        blob = conn.execute("SELECT payload FROM events WHERE seq = ?", (seqs[0],)).fetchone()[0]
+    finally:
+        conn.close()
+    assert isinstance(blob, bytes) and cbor2.loads(blob) == payloads[0]
+
+
+def test_events_after_and_type_prefix(index: Index) -> None:
+    with index.txn():
+        a = index.append_event("namespace.create", {"i": 1})
+        index.append_event("mount.start", {"i": 2})
+        c = index.append_event("namespace.rename", {"i": 3})
+    assert [e.payload["i"] for e in index.events(after=a)] == [2, 3]
+    assert [e.seq for e in index.events(type_prefix="namespace.")] == [a, c]
+    assert [e.seq for e in index.events(after=a, type_prefix="namespace.")] == [c]
+    assert index.events(type_prefix="checkpoint.") == []
+
+
+def test_events_type_prefix_is_literal(index: Index) -> None:
+    """A prefix is matched literally: LIKE wildcards and case folding must not widen it."""
+    with index.txn():
+        index.append_event("namespaceXcreate", {})
+        index.append_event("Namespace.create", {})
+        index.append_event("namespace.create", {})
+    assert [e.type for e in index.events(type_prefix="namespace_")] == []
+    assert [e.type for e in index.events(type_prefix="namespace.")] == ["namespace.create"]
+
+
+def test_events_are_append_only_in_order(index: Index) -> None:
+    with index.txn():
+        for i in range(50):
+            index.append_event("t", {"i": i})
+    assert [e.payload["i"] for e in index.events()] == list(range(50))
+
+
+# ---- invariant queries ----------------------------------------------------------------------
+
+
+def test_invariant_queries_clean_tree(index: Index) -> None:
+    r = root(index)
+    d = new_inode(index, kind=4, nlink=2, mode=stat.S_IFDIR | 0o755)
+    f = new_inode(index, nlink=2)
+    with index.txn():
+        index.add_dentry(r.id, b"d", d.id)
+        index.add_nlink(r.id, 1)
+        index.add_dentry(d.id, b"f", f.id)
+        index.add_dentry(r.id, b"g", f.id)
+        index.set_blocks(f.id, [(0, D1)])
+        index.record_blobs([(D1, 10)], 1)
+    assert index.link_count_mismatches() == []
+    assert index.dangling_dentries() == []
+    assert index.unknown_block_digests() == []
+
+
+def test_invariant_queries_find_damage(index: Index) -> None:
+    r = root(index)
+    d = new_inode(index, kind=4, nlink=2, mode=stat.S_IFDIR | 0o755)
+    f = new_inode(index, nlink=1)
+    with index.txn():
+        index.add_dentry(r.id, b"d", d.id)  # root nlink not raised: 2, expected 3
+        index.add_dentry(d.id, b"f", f.id)
+        index.add_dentry(d.id, b"f2", f.id)  # f has 2 names, nlink 1
+        index.add_dentry(d.id, b"ghost", 9999)
+        index.set_blocks(f.id, [(0, D1), (1, D2)])
+        index.record_blobs([(D1, 10)], 1)
+    assert sorted(index.link_count_mismatches()) == [(r.id, 2, 3), (f.id, 1, 2)]
+    assert index.dangling_dentries() == [(d.id, b"ghost", 9999)]
+    assert index.unknown_block_digests() == [D2]
