@@ -790,6 +790,7 @@ class FileSystem:
             self.index.touch_inode(src.id, mtime_ns=None, ctime_ns=now)
             self.index.touch_inode(op.id, mtime_ns=now, ctime_ns=now)
             place = self._place(op)
+            scope = self.index.scope_by_inode(op.id)
             self.index.append_event(
                 "namespace.rename",
                 {
@@ -797,8 +798,8 @@ class FileSystem:
                     "from": ns.name,
                     "to": text,
                     "sandbox": place.sandbox,
-                    "scope": self.index.scope_by_inode(op.id).name,
-                },  # type: ignore[union-attr]
+                    "scope": scope.name if scope else None,
+                },
                 place.sandbox,
             )
         if dst is not None:
