@@ -101,6 +101,7 @@ class Target:
     name: str
     workdir: Path
     settings: list[str] = field(default_factory=list)  # lines for the settings section
+    pid: int | None = None  # the FUSE daemon, for its CPU time
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,17 @@ class Assets:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by process *pid*."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def load_note() -> str:
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -122,6 +134,15 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def warm_up(path: Path) -> None:
+    """Read a file, or every file under a directory, so it is in the page cache."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(MiB):
+                pass
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -224,10 +245,10 @@ def stop_fuse(proc: subprocess.Popen[bytes], mnt: Path, log_path: Path, name: st
 
 
 @contextlib.contextmanager
-def fuse_mount(cmd: list[str], mnt: Path, log_path: Path, name: str) -> Iterator[None]:
+def fuse_mount(cmd: list[str], mnt: Path, log_path: Path, name: str) -> Iterator[int]:
     proc = start_fuse(cmd, mnt, log_path, name)
     try:
-        yield
+        yield proc.pid
     finally:
         stop_fuse(proc, mnt, log_path, name)
 
@@ -250,10 +271,11 @@ def passthrough_target(root: Path, name: str, threads: bool) -> Iterator[Target]
     cmd = [sys.executable, str(PASSTHROUGH), str(src), str(mnt)]
     if threads:
         cmd.append("--threads")
-    with fuse_mount(cmd, mnt, log_path, name):
+    with fuse_mount(cmd, mnt, log_path, name) as pid:
         first = log_path.read_text(errors="replace").splitlines()[:1]
         declared = first[0].split(": ", 2)[-1] if first else "?"
-        yield Target(name, mnt, [f"{name}: {declared}", f"{name}: measured {mount_info(mnt)}"])
+        yield Target(name, mnt, [f"{name}: {declared}", f"{name}: measured {mount_info(mnt)}"],
+                     pid)
 
 
 @contextlib.contextmanager
@@ -262,7 +284,7 @@ def artifactfs_target(root: Path) -> Iterator[Target]:
     mnt.mkdir()
     run_quiet([ARTIFACTFS, "init", str(store)])
     cmd = [ARTIFACTFS, "mount", str(store), str(mnt), "--foreground"]
-    with fuse_mount(cmd, mnt, log_path, "artifactfs"):
+    with fuse_mount(cmd, mnt, log_path, "artifactfs") as pid:
         ws = mnt / "bench" / "shared" / "ws"
         for d in (mnt / "bench", mnt / "bench" / "shared", ws):  # sandbox, scope, namespace
             d.mkdir()
@@ -270,7 +292,7 @@ def artifactfs_target(root: Path) -> Iterator[Target]:
             f"artifactfs: {' '.join(cmd[1:])} (entry/attr timeouts, keep_cache, writeback: "
             "its own defaults, not visible from outside)",
             f"artifactfs: measured {mount_info(mnt)}",
-        ])
+        ], pid)
 
 
 def open_target(name: str, root: Path) -> contextlib.AbstractContextManager[Target]:
@@ -456,6 +478,11 @@ def run_workloads(base: Path, p: Params, assets: Assets, report: Callable[[str, 
     big.unlink()
 
     tree = base / "small"
+    # Before every create-heavy workload: ext4 without a journal (this machine's /) skips inode
+    # numbers freed in the last ~30 s while their inode-table block is cached, scanning them on
+    # every allocation; after the previous target's cleanup that made creates several times
+    # slower. Writing the dirty blocks out and dropping them removes that carry-over.
+    drop_caches()
     rate, paths = create_files(tree, p.small_files, p.small_dirs)
     report("create", rate)
     drop_caches()
@@ -466,11 +493,14 @@ def run_workloads(base: Path, p: Params, assets: Assets, report: Callable[[str, 
 
     extract = base / "extract"
     extract.mkdir()
+    drop_caches()  # the rm -rf above, see create
+    warm_up(assets.tarball)  # the source side is not what is measured
     report("untar", timed(lambda: run_quiet(["tar", "-xf", str(assets.tarball), "-C",
                                              str(extract)])))
     report("cp_a", timed(lambda: run_quiet(["cp", "-a", str(extract), str(base / "copy")])))
 
     clone = base / "clone"
+    warm_up(assets.repo)
     report("git_clone", timed(lambda: run_quiet(["git", "clone", "-q", "--no-hardlinks",
                                                  str(assets.repo), str(clone)])))
     run_quiet(["git", "-C", str(clone), "status", "--porcelain"])  # settles the index
@@ -582,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, dict[str, list[float]]] = {m.key: {t: [] for t in targets} for m in METRICS}
     settings: dict[str, list[str]] = {}
+    load_before = load_note()
     root = Path(tempfile.mkdtemp(prefix="artifactfs-bench-", dir=args.workdir))
     failed = False
     try:
@@ -601,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
 
                     run_workloads(base, params, assets, report)
                     run_quiet(["rm", "-rf", str(base)])
+            for t, target in opened.items():
+                if target.pid is not None:
+                    user, system = cpu_seconds(target.pid)
+                    settings[t].append(f"{t}: daemon CPU {user:.1f} s user + {system:.1f} s "
+                                       f"system over {repeat} run(s) of all workloads")
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         failed = True
@@ -622,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{params.small_dirs} dirs; median of {repeat} run(s))")
     print(f"work file system: {args.workdir}; tarball: {assets.tarball_desc}; "
           f"git repo: {assets.repo_desc}")
+    print(f"machine: {load_before} at the start, {load_note()} at the end "
+          "(other load makes the figures noisy)")
     print("ratios are num/den of the two columns: for MB/s, reads/s and files/s rows a SPEED "
           "ratio (>1 = faster); for s rows a TIME ratio (>1 = slower)\n")
     print(render(medians, targets))
@@ -633,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "mode": mode, "repeat": repeat, "params": params.__dict__,
             "assets": {"tarball": assets.tarball_desc, "repo": assets.repo_desc},
-            "settings": settings,
+            "settings": settings, "load": {"start": load_before, "end": load_note()},
             "metrics": [m.__dict__ for m in METRICS],
             "runs": runs, "medians": medians,
         }, indent=2))

@@ -117,7 +117,8 @@ class Settings:
     read_ahead_kb: int = 1024
 
     def describe(self) -> str:
-        io = "worker threads (trio.to_thread)" if self.threads else "inline on the trio thread"
+        io = ("worker threads (trio.to_thread, its default limiter of 40)" if self.threads
+              else "inline on the trio thread")
         return (f"entry_timeout={self.entry_timeout}s attr_timeout={self.attr_timeout}s "
                 f"negative_timeout={self.negative_timeout}s keep_cache=on "
                 f"writeback_cache={'on' if self.writeback_cache else 'off'} "
@@ -260,16 +261,20 @@ class Passthrough(pyfuse3.Operations):
         self._remember(attr.st_ino, path)
         return attr
 
-    @_fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, nlookup in inode_list:
-            left = self._lookups.get(inode, 0) - nlookup
-            if left > 0:
-                self._lookups[inode] = left
-                continue
-            self._lookups.pop(inode, None)
-            if inode != pyfuse3.ROOT_INODE and inode not in self._inode_fds:
-                self._paths.pop(inode, None)
+        # No reply goes back for forget, and pyfuse3 awaits it in its loop: even a FUSEError
+        # here would end the loop, so nothing may escape.
+        try:
+            for inode, nlookup in inode_list:
+                left = self._lookups.get(inode, 0) - nlookup
+                if left > 0:
+                    self._lookups[inode] = left
+                    continue
+                self._lookups.pop(inode, None)
+                if inode != pyfuse3.ROOT_INODE and inode not in self._inode_fds:
+                    self._paths.pop(inode, None)
+        except Exception:
+            log.exception("forget failed")
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for p in fuse3 libfuse3-dev pkg-config gcc attr rsync sqlite3 git tar util-linux procps psmisc; do
+for p in fuse3 libfuse3-dev pkg-config gcc attr rsync sqlite3 git tar util-linux procps psmisc \
+         python3-wheel-whl python3-setuptools-whl; do
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +70,10 @@ class Core:
     async def parent(self, path: str) -> tuple[int, bytes]:
         parts = split(path)
         assert parts, "the grid root has no parent"
-        parent = await self.resolve("/".join(p.decode() for p in parts[:-1]))
+        parent = await self.resolve("/".join(p.decode() for p in parts[:-1]), follow=True)
+        # The kernel's path walk requires every component before the last to be a directory.
+        if not stat.S_ISDIR((await self.fs.getattr(parent)).mode):
+            raise NotADirectory(f"{path}: a parent is not a directory")
         return parent, parts[-1]
 
     async def attr(self, path: str) -> Attr:
@@ -161,10 +164,11 @@ class Core:
         return (await self.fs.getxattr(await self.resolve(path), b"user.artifactfs.sha256")).decode()
 
 
-def check_invariants(store: Store) -> None:
+def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
     """The invariants of index/schema.py, plus: every block and blob the index knows is in
-    the backend, no block lies beyond the end of its file, and no unlinked inode survives
-    once nothing references it."""
+    the backend, no block lies beyond the end of its file, a known whole-file digest is the
+    digest of the content, and no unlinked inode survives once nothing references it (`busy`:
+    inodes the core still holds, such as files being hashed in the background)."""
     index = store.index
     assert index.link_count_mismatches() == [], "wrong link counts"
     assert index.dangling_dentries() == [], "directory entries pointing nowhere"
@@ -182,14 +186,19 @@ def check_invariants(store: Store) -> None:
         (store.config.block_size,),
     ).fetchall()
     assert beyond == [], f"blocks beyond the end of their file: {beyond}"
-    orphans = index.unlinked_inodes()
+    orphans = [i for i in index.unlinked_inodes() if i not in busy]
     assert orphans == [], f"unlinked inodes left after every reference was dropped: {orphans}"
     no_name = conn.execute(
-        "SELECT i.id FROM inodes i WHERE i.id != ? AND NOT EXISTS "
+        "SELECT i.id FROM inodes i WHERE i.id != ? AND i.nlink > 0 AND NOT EXISTS "
         "(SELECT 1 FROM dentries d WHERE d.inode = i.id)",
         (ROOT_INODE,),
     ).fetchall()
     assert no_name == [], f"live inodes without a name: {no_name}"
+    for ino, sha in conn.execute(
+        "SELECT id, sha256 FROM inodes WHERE kind = ? AND sha256 IS NOT NULL", (NodeKind.FILE,)
+    ).fetchall():
+        if ino not in busy:
+            assert bytes(sha) == content_sha256(store, ino), f"stale sha256 of inode {ino}"
 
 
 def content_sha256(store: Store, ino: int) -> bytes:
@@ -232,7 +241,7 @@ async def open_core(
                         fs.forget(list(fs.lookups.items()))
                         assert fs.handles == {}, "the test left handles open"
                         if check:
-                            check_invariants(store)
+                            check_invariants(store, busy=set(fs.files))
                 finally:
                     nursery.cancel_scope.cancel()
     finally:

@@ -147,7 +147,8 @@ def _fusermount(mountpoint: Path, *flags: str) -> subprocess.CompletedProcess[st
 def _force_cleanup(mount: Mount) -> None:
     """Last resort after a failure: detach the mount and kill the daemon, never raise."""
     if is_mounted(mount.mountpoint):
-        _fusermount(mount.mountpoint, "-u", "-z")
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            _fusermount(mount.mountpoint, "-u", "-z")
     if mount.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             mount.proc.kill()
