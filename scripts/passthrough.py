@@ -195,12 +195,15 @@ class Passthrough(pyfuse3.Operations):
         if paths is not None:
             paths.discard(path)
 
-    def _move(self, inode: int, old: bytes, new: bytes) -> None:
+    def _move(self, inode: int, old: bytes, new: bytes, is_dir: bool) -> None:
         paths = self._paths.get(inode)
         if paths is not None and old in paths:
             paths.discard(old)
             paths.add(new)
-        # A directory: every known inode below it moved too. O(known inodes), rare enough.
+        if not is_dir:
+            return
+        # Every known inode below the directory moved too: O(known inodes), but directory
+        # renames are rare next to file renames (git's lock files, editors' save-as-rename).
         prefix = old + b"/"
         for other in self._paths.values():
             stale = [p for p in other if p.startswith(prefix)]
@@ -398,11 +401,15 @@ class Passthrough(pyfuse3.Operations):
     ) -> None:
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        inode_old = self._ino(os.lstat(old).st_ino)
+        st_old = os.lstat(old)
+        inode_old, dir_old = self._ino(st_old.st_ino), stat.S_ISDIR(st_old.st_mode)
         try:
-            inode_new: int | None = self._ino(os.lstat(new).st_ino)
+            st_new = os.lstat(new)
         except FileNotFoundError:
-            inode_new = None
+            inode_new: int | None = None
+            dir_new = False
+        else:
+            inode_new, dir_new = self._ino(st_new.st_ino), stat.S_ISDIR(st_new.st_mode)
         if flags == 0:
             os.rename(old, new)
         elif _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, flags) != 0:
@@ -412,13 +419,13 @@ class Passthrough(pyfuse3.Operations):
             return  # two names of one inode: rename(2) does nothing
         if flags & pyfuse3.RENAME_EXCHANGE and inode_new is not None:
             swap = b"\0swap"  # cannot occur in a real path
-            self._move(inode_old, old, swap)
-            self._move(inode_new, new, old)
-            self._move(inode_old, swap, new)
+            self._move(inode_old, old, swap, dir_old)
+            self._move(inode_new, new, old, dir_new)
+            self._move(inode_old, swap, new, dir_old)
             return
         if inode_new is not None:
             self._drop_path(inode_new, new)
-        self._move(inode_old, old, new)
+        self._move(inode_old, old, new, dir_old)
 
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

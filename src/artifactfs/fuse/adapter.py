@@ -18,7 +18,7 @@ import pyfuse3
 
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import Attr, AttrChanges, Caller
-from artifactfs.errors import FsError
+from artifactfs.errors import FsError, NotFound
 from artifactfs.fuse.errno_map import errno_for
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,16 @@ class FuseOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, name, _caller(ctx)))
+        try:
+            return self._entry(await self.fs.lookup(parent_inode, name, _caller(ctx)))
+        except NotFound:
+            # A negative entry (inode 0) lets the kernel cache "does not exist" for the entry
+            # timeout; it drops it itself when a create or mkdir goes through this mount.
+            # Python imports and shells probe many missing names.
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = self.entry_timeout
+            return e
 
     @_translate
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

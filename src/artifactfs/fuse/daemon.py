@@ -73,6 +73,8 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 )
             async with trio.open_nursery() as nursery:
                 fs.start(nursery)
+                store.index.defer_checkpoints()
+                nursery.start_soon(_checkpointer, store)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
@@ -98,6 +100,16 @@ async def _announce_ready(settings: MountSettings, ready_fd: int | None) -> None
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+
+
+async def _checkpointer(store: Store, interval: float = 1.0) -> None:
+    """Fold the WAL into the database in a worker thread, off the request path."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            await trio.to_thread.run_sync(store.index.checkpoint)
+        except Exception as exc:  # a busy database is retried next time
+            log.warning("WAL checkpoint failed: %s", exc)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

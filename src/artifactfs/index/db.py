@@ -109,10 +109,38 @@ class Index:
         self.conn.execute("PRAGMA foreign_keys = OFF")
         self.conn.execute("PRAGMA cache_size = -65536")
         self._depth = 0
+        self._ckpt_conn: sqlite3.Connection | None = None
         self.start_version = migrate(self.conn)
 
     def close(self) -> None:
+        if self._ckpt_conn is not None:
+            self._ckpt_conn.close()
         self.conn.close()
+
+    # ---- WAL checkpoints ----------------------------------------------------------------------
+
+    def defer_checkpoints(self) -> None:
+        """Stop SQLite from checkpointing inside commits on this connection.
+
+        An automatic checkpoint runs in whichever commit crosses the WAL threshold and fsyncs
+        the database and the WAL: tens of milliseconds on the trio thread. The daemon turns it
+        off and calls `checkpoint()` from a worker thread instead.
+        """
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database (PASSIVE: never waits for writers).
+
+        Runs on its own connection so it can run in a worker thread while the trio thread
+        goes on using the main one. Returns (WAL frames, frames checkpointed).
+        """
+        if self._ckpt_conn is None:
+            self._ckpt_conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            self._ckpt_conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _, frames, done = self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames), int(done)
 
     # ---- transactions -------------------------------------------------------------------------
 
