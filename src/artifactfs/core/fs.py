@@ -63,6 +63,7 @@ READONLY_XATTRS = (XATTR_SHA256, XATTR_NAMESPACE)
 # Per-inode budget for user xattrs (names + values), as ext4 limits them to one block.
 XATTR_TOTAL_MAX = 64 * 1024 + 4096
 MAX_FILE_SIZE = 1 << 50
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
 DIR_KINDS = (NodeKind.ROOT, NodeKind.SANDBOX, NodeKind.SCOPE, NodeKind.NSROOT, NodeKind.DIR)
 
 
@@ -337,6 +338,8 @@ class FileSystem:
             namespace_id=namespace_id,
             rdev=rdev,
             size=size,
+            # A new file is empty, and the digest of nothing is known.
+            sha256=EMPTY_SHA256 if kind is NodeKind.FILE else None,
         )
         self.index.add_dentry(parent.id, name, row.id)
         if is_dir:
@@ -424,9 +427,6 @@ class FileSystem:
         owner = self.view.user if not self.view.is_admin else str(caller.uid)
         ns_id = self.index.insert_namespace(public_id, scope.id, kind, owner, text, row.id, now)
         row.namespace_id = ns_id
-        if node is NodeKind.FILE:
-            row.sha256 = hashlib.sha256(b"").digest()
-            self.index.set_sha256(row.id, row.sha256)
         self.index.append_event(
             "namespace.create",
             {
@@ -488,12 +488,9 @@ class FileSystem:
             self._check_inner_name(prow, name)
             self._require(Op.WRITE, prow)
             self._check_free(prow, name)
-            row = self._insert_child(
+            return self._insert_child(
                 prow, name, NodeKind.FILE, mode, caller, namespace_id=prow.namespace_id, now=now
             )
-            row.sha256 = hashlib.sha256(b"").digest()
-            self.index.set_sha256(row.id, row.sha256)
-            return row
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
@@ -818,7 +815,7 @@ class FileSystem:
                 size=row.size,
                 mtime_ns=row.mtime_ns,
                 ctime_ns=row.ctime_ns,
-                committed=self.index.block_map(row.id),
+                committed=self.index.block_map(row.id) if row.size else {},
             )
             self.files[row.id] = data
         data.users += 1
@@ -883,6 +880,9 @@ class FileSystem:
         data = self._handle(fh).data
         if data is not None:
             await data.commit()
+        # What was closed survives a crash of the daemon: commit now, together with the
+        # metadata operations grouped before it (its creation, renames, ...).
+        self.index.flush()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         data = self._handle(fh).data
@@ -896,6 +896,7 @@ class FileSystem:
         data = h.data
         try:
             await data.commit()
+            self.index.flush()
         finally:
             data.opens -= 1
             data.users -= 1
@@ -904,7 +905,8 @@ class FileSystem:
                 row = self.index.get_inode(data.ino)
                 if row is not None and row.nlink > 0 and row.sha256 is None:
                     self.nursery.start_soon(self._digest_later, data.ino)
-                self._reap(data.ino)
+                elif row is not None and row.nlink == 0:
+                    self._reap(data.ino)
 
     async def _digest_later(self, ino: int) -> None:
         try:

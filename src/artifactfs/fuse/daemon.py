@@ -18,6 +18,7 @@ import trio
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.fuse.adapter import FuseOperations
+from artifactfs.index.db import GROUP_COMMIT_INTERVAL
 from artifactfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
             async with trio.open_nursery() as nursery:
                 fs.start(nursery)
                 store.index.defer_checkpoints()
+                store.index.group_commit = True
                 nursery.start_soon(_checkpointer, store)
+                nursery.start_soon(_group_committer, store)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
                 await fs.shutdown()
+                store.index.flush()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
@@ -100,6 +104,13 @@ async def _announce_ready(settings: MountSettings, ready_fd: int | None) -> None
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+
+
+async def _group_committer(store: Store) -> None:
+    """Commit grouped metadata operations at least every GROUP_COMMIT_INTERVAL seconds."""
+    while True:
+        await trio.sleep(GROUP_COMMIT_INTERVAL)
+        store.index.flush()
 
 
 async def _checkpointer(store: Store, interval: float = 1.0) -> None:

@@ -23,6 +23,9 @@ from artifactfs.index.migrations import migrate
 
 # SQLite's own wait for a lock held by another connection (another mount of the same store).
 BUSY_TIMEOUT_MS = 5000
+# Group commit: the daemon commits at least this often, and after this many units.
+GROUP_COMMIT_INTERVAL = 0.05
+GROUP_COMMIT_MAX_UNITS = 2000
 
 INODE_COLUMNS = (
     "id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, btime_ns, "
@@ -109,10 +112,13 @@ class Index:
         self.conn.execute("PRAGMA foreign_keys = OFF")
         self.conn.execute("PRAGMA cache_size = -65536")
         self._depth = 0
+        self.group_commit = False
+        self._grouped = 0
         self._ckpt_conn: sqlite3.Connection | None = None
         self.start_version = migrate(self.conn)
 
     def close(self) -> None:
+        self.flush()
         if self._ckpt_conn is not None:
             self._ckpt_conn.close()
         self.conn.close()
@@ -146,13 +152,38 @@ class Index:
 
     @contextmanager
     def txn(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; nested uses join the outer one. Rolls back on any exception."""
+        """One atomic unit of work; nested uses join the outer one; rolled back on exception.
+
+        Without group commit each unit is its own transaction. With group commit (the daemon)
+        a unit is a SAVEPOINT inside a longer write transaction that `flush()` commits: on
+        every close/fsync of a file and at least every `GROUP_COMMIT_INTERVAL` seconds, so a
+        burst of metadata operations (tar, rm -r) pays one commit instead of one each.
+        """
         if self._depth:
             self._depth += 1
             try:
                 yield self.conn
             finally:
                 self._depth -= 1
+            return
+        if self.group_commit:
+            if not self.conn.in_transaction:
+                self._begin()
+            self.conn.execute("SAVEPOINT unit")
+            self._depth = 1
+            try:
+                yield self.conn
+            except BaseException:
+                self._depth = 0
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK TO unit")
+                    self.conn.execute("RELEASE unit")
+                raise
+            self._depth = 0
+            self.conn.execute("RELEASE unit")
+            self._grouped += 1
+            if self._grouped >= GROUP_COMMIT_MAX_UNITS:
+                self.flush()
             return
         self._begin()
         self._depth = 1
@@ -164,6 +195,12 @@ class Index:
             raise
         self._depth = 0
         self._commit()
+
+    def flush(self) -> None:
+        """Commit the group transaction, if one is open (a no-op without group commit)."""
+        if self._depth == 0 and self.conn.in_transaction:
+            self._commit()
+        self._grouped = 0
 
     def _begin(self) -> None:
         # IMMEDIATE takes the write lock up front, so a transaction never fails half-way with
@@ -190,13 +227,17 @@ class Index:
         self.conn.execute("COMMIT")
 
     def make_durable(self) -> None:
-        """Force everything committed so far to stable storage (fsync of the WAL)."""
+        """Commit and force everything to stable storage (fsync of the WAL)."""
+        self.flush()
         self.conn.execute("PRAGMA synchronous = FULL")
         try:
             # An empty write transaction under FULL syncs the WAL up to and including it.
-            with self.txn() as c:
-                c.execute("UPDATE meta SET value = value WHERE key = 'store_id'")
+            self._begin()
+            self.conn.execute("UPDATE meta SET value = value WHERE key = 'store_id'")
+            self._commit()
         finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             self.conn.execute("PRAGMA synchronous = NORMAL")
 
     # ---- meta ---------------------------------------------------------------------------------
@@ -233,11 +274,12 @@ class Index:
         size: int = 0,
         rdev: int = 0,
         ino: int | None = None,
+        sha256: bytes | None = None,
     ) -> InodeRow:
         cur = self.conn.execute(
             "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, "
             "mtime_ns, ctime_ns, btime_ns, namespace_id, sha256) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 ino,
                 kind,
@@ -252,6 +294,7 @@ class Index:
                 time_ns,
                 time_ns,
                 namespace_id,
+                sha256,
             ),
         )
         new_id = ino if ino is not None else cur.lastrowid
@@ -270,7 +313,7 @@ class Index:
             time_ns,
             time_ns,
             namespace_id,
-            None,
+            sha256,
         )
 
     def update_inode(self, row: InodeRow) -> None:
