@@ -224,19 +224,29 @@ class LocalBackend:
         with self._lock:
             if leaf in self._dirs:
                 return
-        os.makedirs(self.root, exist_ok=True)
-        top = self._tree
-        mid = os.path.dirname(leaf)
-        for parent, path in ((str(self.root), top), (top, mid), (mid, leaf)):
+        # Leaf first: in a store of any age its parents exist, so one mkdir is the usual cost
+        # (a failed mkdir of an existing parent is a syscall per put in a fresh store).
+        self._mkdir(leaf)
+        with self._lock:
+            self._dirs.add(leaf)
+
+    def _mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            return  # another thread or process made it
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                raise
+            self._mkdir(parent)
             try:
                 os.mkdir(path, _DIR_MODE)
             except FileExistsError:
-                continue  # another thread or process made it
-            if self.durable:
-                # The new directory's entry must be durable before blobs inside it are.
-                _fsync_dir(parent)
-        with self._lock:
-            self._dirs.add(leaf)
+                return
+        if self.durable:
+            # The new directory's entry must be durable before blobs inside it are.
+            _fsync_dir(os.path.dirname(path))
 
     # -- read ---------------------------------------------------------------------------------
 

