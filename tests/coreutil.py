@@ -161,7 +161,8 @@ class Core:
             await self.fs.release(fh)
 
     async def sha256_xattr(self, path: str) -> str:
-        return (await self.fs.getxattr(await self.resolve(path), b"user.artifactfs.sha256")).decode()
+        ino = await self.resolve(path)
+        return (await self.fs.getxattr(ino, b"user.artifactfs.sha256")).decode()
 
 
 def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
@@ -218,16 +219,29 @@ def content_sha256(store: Store, ino: int) -> bytes:
 
 @asynccontextmanager
 async def open_core(
-    store_path: Path, *, block_size: int = BLOCK, check: bool = True
+    store_path: Path,
+    *,
+    block_size: int = BLOCK,
+    check: bool = True,
+    group_commit: bool = False,
+    dirty_budget: int | None = None,
 ) -> AsyncIterator[Core]:
-    """A started FileSystem on the store at `store_path` (created if missing)."""
+    """A started FileSystem on the store at `store_path` (created if missing).
+
+    `group_commit`: run the index as the daemon does (metadata operations grouped into one
+    write transaction, committed at close/fsync; the daemon's 50 ms timer is left out so that
+    tests are deterministic, and the end of the block commits as the daemon's unmount does).
+    """
     init_store(store_path, block_size=block_size)
     store = Store(store_path)
     try:
         io = BlockIO(store.backend, block_size=store.config.block_size)
+        if dirty_budget is not None:
+            io.dirty_budget = dirty_budget
         fs = FileSystem(store.index, io)
         async with trio.open_nursery() as nursery:
             fs.start(nursery)
+            store.index.group_commit = group_commit
             core = Core(store, io, fs)
             failed = True
             try:
@@ -236,6 +250,7 @@ async def open_core(
             finally:
                 try:
                     await fs.shutdown()
+                    store.index.flush()
                     if not failed:
                         # Unmount: the kernel drops every reference it held.
                         fs.forget(list(fs.lookups.items()))
@@ -245,6 +260,30 @@ async def open_core(
                 finally:
                     nursery.cancel_scope.cancel()
     finally:
+        store.close()
+
+
+@asynccontextmanager
+async def crashing_core(
+    store_path: Path, *, block_size: int = BLOCK, group_commit: bool = False
+) -> AsyncIterator[Core]:
+    """Like open_core, but the "daemon" is killed at the end: no shutdown, no commit of open
+    files or of the open group transaction, no release, no forget. The store then holds only
+    what SQLite committed, as after `kill -9`."""
+    init_store(store_path, block_size=block_size)
+    store = Store(store_path)
+    try:
+        io = BlockIO(store.backend, block_size=store.config.block_size)
+        fs = FileSystem(store.index, io)
+        async with trio.open_nursery() as nursery:
+            fs.start(nursery)
+            store.index.group_commit = group_commit
+            yield Core(store, io, fs)
+            nursery.cancel_scope.cancel()
+    finally:
+        if store.index.conn.in_transaction:
+            store.index.conn.execute("ROLLBACK")  # what a killed process never committed
+        store.index.group_commit = False
         store.close()
 
 

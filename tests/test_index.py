@@ -7,6 +7,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -242,6 +243,126 @@ def test_nested_txn_failure_rolls_back_outer(index: Index) -> None:
     with index.txn():
         index.set_meta("after", "1")
     assert index.get_meta("after") == "1"
+
+
+def _deferred_constraint(conn: sqlite3.Connection) -> None:
+    """A table whose foreign key is checked only at COMMIT: a way to make COMMIT fail."""
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE p (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE c (pid INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED)")
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["plain", "group"])
+def test_failed_commit_rolls_back_and_index_stays_usable(index: Index, group: bool) -> None:
+    """COMMIT itself can fail (here a deferred constraint; in the field SQLITE_FULL or IOERR,
+    after which SQLite may leave the transaction open): the failed work must be rolled back so
+    that the next operation can begin, or every later call fails ("cannot start a transaction
+    within a transaction", or every later group commit failing again) until the daemon
+    restarts."""
+    conn = index.conn
+    _deferred_constraint(conn)
+    index.group_commit = group
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            with index.txn():
+                index.set_meta("k", "v")
+                conn.execute("INSERT INTO c VALUES (42)")  # violates the constraint at COMMIT
+            index.flush()
+        assert not conn.in_transaction
+        assert index.get_meta("k") is None
+        with index.txn():
+            index.set_meta("after", "1")
+        index.flush()
+        assert index.get_meta("after") == "1"
+        assert not conn.in_transaction
+    finally:
+        if conn.in_transaction:  # leave the fixture a connection it can close
+            conn.execute("ROLLBACK")
+        index.group_commit = False
+
+
+# ---- group commit (the daemon's mode) -------------------------------------------------------
+
+
+@pytest.fixture
+def grouped(index: Index) -> Index:
+    index.group_commit = True
+    return index
+
+
+def test_group_units_are_committed_by_flush(grouped: Index, db_path: Path) -> None:
+    other = raw(db_path)
+    try:
+        with grouped.txn():
+            grouped.set_meta("a", "1")
+        with grouped.txn():
+            grouped.set_meta("b", "2")
+        assert grouped.get_meta("a") == "1"  # visible to its own connection at once
+        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (
+            0,)
+        grouped.flush()
+        assert not grouped.conn.in_transaction
+        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (
+            2,)
+    finally:
+        other.close()
+
+
+def test_group_failed_unit_rolls_back_only_itself(grouped: Index) -> None:
+    with grouped.txn():
+        grouped.set_meta("kept", "1")
+    with pytest.raises(Boom), grouped.txn():
+        grouped.set_meta("lost", "1")
+        with grouped.txn():  # nested: joins the unit
+            grouped.set_meta("lost-too", "1")
+        raise Boom()
+    with grouped.txn():
+        grouped.set_meta("after", "1")
+    grouped.flush()
+    assert grouped.get_meta("kept") == "1" and grouped.get_meta("after") == "1"
+    assert grouped.get_meta("lost") is None and grouped.get_meta("lost-too") is None
+
+
+def test_group_flushes_after_max_units(grouped: Index, monkeypatch: pytest.MonkeyPatch) -> None:
+    from artifactfs.index import db
+
+    monkeypatch.setattr(db, "GROUP_COMMIT_MAX_UNITS", 3)
+    for i in range(3):
+        assert i == 0 or grouped.conn.in_transaction
+        with grouped.txn():
+            grouped.set_meta(f"k{i}", "1")
+    assert not grouped.conn.in_transaction
+
+
+def test_group_make_durable_and_close_commit(grouped: Index, db_path: Path) -> None:
+    with grouped.txn():
+        grouped.set_meta("durable", "1")
+    grouped.make_durable()
+    assert not grouped.conn.in_transaction
+    with grouped.txn():
+        grouped.set_meta("closed", "1")
+    grouped.close()
+    conn = raw(db_path)
+    try:
+        rows = conn.execute("SELECT key FROM meta WHERE key IN ('durable', 'closed')").fetchall()
+        assert sorted(rows) == [("closed",), ("durable",)]
+    finally:
+        conn.close()
+    grouped.conn = sqlite3.connect(db_path)  # let the fixture close something
+
+
+def test_checkpoint_folds_the_wal(index: Index, db_path: Path) -> None:
+    index.defer_checkpoints()
+    with index.txn():
+        for i in range(200):
+            index.set_meta(f"k{i}", "x" * 100)
+    frames, done = index.checkpoint()
+    assert frames > 0 and done == frames
+    conn = raw(db_path)
+    try:
+        assert conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone() == (200,)
+    finally:
+        conn.close()
 
 
 def test_make_durable_keeps_data(index: Index) -> None:
@@ -503,7 +624,7 @@ def test_grid_rows(index: Index) -> None:
 
 
 def test_events_cbor_round_trip_and_order(index: Index, db_path: Path) -> None:
-    payloads = [
+    payloads: list[dict[str, Any]] = [
         {"id": "abc", "n": 1, "nested": {"list": [1, "two", b"\x00\xff"]}, "none": None},
         {"big": 2**40, "neg": -5, "float": 1.5, "bool": True},
         {},
