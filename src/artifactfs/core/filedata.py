@@ -145,12 +145,18 @@ class FileData:
                 s = off + pos - idx * bs
                 n = min(bs - s, n_total - pos)
                 buf = self.dirty.get(idx)
+                if buf is None and s == 0 and n == bs:
+                    # A whole block replaced (the sequential-write case): seal the caller's
+                    # bytes as they are, without staging them in a buffer.
+                    await self.io.reserve(bs)
+                    self.versions[idx] = self.versions.get(idx, 0) + 1
+                    whole = data if n == n_total else data[pos : pos + n]
+                    self._seal_data(idx, bytes(whole))
+                    pos += n
+                    continue
                 if buf is None:
                     await self.io.reserve(bs)
-                    if s == 0 and n == bs:
-                        buf = bytearray(data[pos : pos + n])
-                    else:
-                        buf = await self._current_block(idx)
+                    buf = await self._current_block(idx)
                     self._set_dirty(idx, buf)
                 if len(buf) < s:
                     buf.extend(bytes(s - len(buf)))
@@ -175,8 +181,9 @@ class FileData:
         self.changed = True
 
     def _seal(self, idx: int) -> None:
-        buf = self.dirty.pop(idx)
-        data = bytes(buf)
+        self._seal_data(idx, bytes(self.dirty.pop(idx)))
+
+    def _seal_data(self, idx: int, data: bytes) -> None:
         version = self.versions[idx]
         self.sealed[idx] = (version, data)
         start = idx * self.bs
@@ -188,7 +195,9 @@ class FileData:
                 self.hasher.update(chunk)
             else:
                 prev, self._hash_tail = self._hash_tail, trio.Event()
-                self.nursery.start_soon(self._hash_step, prev, self._hash_tail, chunk)
+                # The hasher is passed, not looked up later: a truncate to zero replaces it,
+                # and the old content's steps must not feed the new one.
+                self.nursery.start_soon(self._hash_step, prev, self._hash_tail, self.hasher, chunk)
         if self.pending == 0:
             self._idle = trio.Event()
         self.pending += 1
@@ -198,11 +207,12 @@ class FileData:
         for idx in sorted(self.dirty):
             self._seal(idx)
 
-    async def _hash_step(self, prev: trio.Event, done: trio.Event, chunk: bytes) -> None:
+    async def _hash_step(
+        self, prev: trio.Event, done: trio.Event, hasher: hashlib._Hash, chunk: bytes
+    ) -> None:
         try:
             await prev.wait()
-            hasher = self.hasher
-            if hasher is not None:
+            if hasher is self.hasher:
                 await self.io.hash_update(hasher, chunk)
         finally:
             done.set()

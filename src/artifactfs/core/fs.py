@@ -281,10 +281,9 @@ class FileSystem:
                 data.mtime_ns = ch.mtime_ns
         row.ctime_ns = ch.ctime_ns if ch.ctime_ns is not None else now
         if data is not None:
+            # The open file's size and mtime reach the index with its data at commit; writing
+            # them here would let the index claim bytes whose blocks are not stored yet.
             data.ctime_ns = row.ctime_ns
-            row.size = data.size
-            if ch.mtime_ns is None:
-                row.mtime_ns = data.mtime_ns
         with self.index.txn():
             self.index.update_inode(row)
         return self._attr(row)
@@ -680,7 +679,7 @@ class FileSystem:
         if dst is not None and dst.id == src.id:
             return  # two names of one file: POSIX says do nothing
         src_dir = NodeKind(src.kind).is_dir
-        if src_dir and not exchange:
+        if src_dir:
             self._check_not_ancestor(src.id, np.id)
         if exchange and dst is not None and NodeKind(dst.kind).is_dir:
             self._check_not_ancestor(dst.id, op.id)

@@ -221,10 +221,21 @@ class Index:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                time.sleep(min(0.01 * (attempt + 1), 0.2))
+                if "locked" in str(exc) or "busy" in str(exc):
+                    time.sleep(min(0.01 * (attempt + 1), 0.2))
+                    continue
+                self._rollback_after_failed_commit()
+                raise
+            except sqlite3.Error:
+                self._rollback_after_failed_commit()
+                raise
         self.conn.execute("COMMIT")
+
+    def _rollback_after_failed_commit(self) -> None:
+        # A failed COMMIT (constraint, disk full, I/O error) may leave the transaction open;
+        # without this every later operation would fail until the daemon restarts.
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     def make_durable(self) -> None:
         """Commit and force everything to stable storage (fsync of the WAL)."""
@@ -672,8 +683,9 @@ class Index:
         sql = "SELECT seq, time_ns, type, sandbox, payload FROM events WHERE seq > ?"
         args: list[Any] = [after]
         if type_prefix:
-            sql += " AND type LIKE ?"
-            args.append(type_prefix.replace("%", "") + "%")
+            # substr, not LIKE: '_' and '%' in a prefix are literal characters.
+            sql += " AND substr(type, 1, ?) = ?"
+            args += [len(type_prefix), type_prefix]
         sql += " ORDER BY seq"
         return [
             EventRow(r[0], r[1], r[2], r[3], cbor2.loads(r[4]))
