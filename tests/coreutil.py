@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from artifactfs.core.blockio import BlockIO
+from artifactfs.core.filedata import stored_estimate
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import ROOT_INODE, Attr, Caller, NodeKind
 from artifactfs.errors import NotADirectory, NotFound
@@ -200,6 +201,14 @@ def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
     ).fetchall():
         if ino not in busy:
             assert bytes(sha) == content_sha256(store, ino), f"stale sha256 of inode {ino}"
+    bs = int(index.get_meta("block_size") or 0) or store.config.block_size
+    for ino, size, stored in conn.execute(
+        "SELECT id, size, stored FROM inodes WHERE kind = ?", (NodeKind.FILE,)
+    ).fetchall():
+        if ino not in busy:
+            n, top = index.block_stats(ino)
+            want = stored_estimate(n, size, bs, top == (size - 1) // bs)
+            assert stored == want, f"inode {ino} claims {stored} stored bytes, blocks say {want}"
 
 
 def content_sha256(store: Store, ino: int) -> bytes:

@@ -96,8 +96,17 @@ async def test_valid_scope_names(core: Core, name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [b"other", b"user-", b"sess-", b"user-.x", b"Shared", b"user-a b", b"session-1",
-     b"user-a:b", b"\xff\xfe"],
+    [
+        b"other",
+        b"user-",
+        b"sess-",
+        b"user-.x",
+        b"Shared",
+        b"user-a b",
+        b"session-1",
+        b"user-a:b",
+        b"\xff\xfe",
+    ],
 )
 async def test_invalid_scope_names(core: Core, name: bytes) -> None:
     sandbox = await core.resolve("acme")
@@ -181,11 +190,19 @@ async def test_namespace_events(core: Core) -> None:
     create, destroy = evs
     assert create.sandbox == "acme" and destroy.sandbox == "acme"
     assert create.payload == {
-        "id": ns_id, "kind": "workspace", "sandbox": "acme", "scope": "shared", "name": "ws",
+        "id": ns_id,
+        "kind": "workspace",
+        "sandbox": "acme",
+        "scope": "shared",
+        "name": "ws",
         "owner": str(CALLER.uid),
     }
     assert destroy.payload == {
-        "id": ns_id, "kind": "workspace", "name": "ws", "scope": "shared", "sandbox": "acme",
+        "id": ns_id,
+        "kind": "workspace",
+        "name": "ws",
+        "scope": "shared",
+        "sandbox": "acme",
     }
 
 
@@ -200,7 +217,10 @@ async def test_namespace_rename_within_scope(core: Core) -> None:
     ev = core.store.index.events(type_prefix="namespace.rename")
     assert len(ev) == 1
     assert ev[0].payload == {
-        "id": before.decode(), "from": "ws", "to": "renamed", "sandbox": "acme",
+        "id": before.decode(),
+        "from": "ws",
+        "to": "renamed",
+        "sandbox": "acme",
         "scope": "shared",
     }
     ns = core.store.index.namespace_by_root(await core.resolve("acme/shared/renamed"))
@@ -240,16 +260,28 @@ async def test_namespace_rename_invalid_name(core: Core) -> None:
 async def test_rename_namespace_across_scopes(core: Core) -> None:
     await core.mkdir("acme/user-alice")
     with pytest.raises(CrossDevice):
-        await core.fs.rename(await core.resolve("acme/shared"), b"ws",
-                             await core.resolve("acme/user-alice"), b"ws", 0, CALLER)
+        await core.fs.rename(
+            await core.resolve("acme/shared"),
+            b"ws",
+            await core.resolve("acme/user-alice"),
+            b"ws",
+            0,
+            CALLER,
+        )
     assert await core.exists(WS)
 
 
 async def test_rename_namespace_across_sandboxes(core: Core) -> None:
     await core.makedirs("beta/shared")
     with pytest.raises(CrossDevice):
-        await core.fs.rename(await core.resolve("acme/shared"), b"ws",
-                             await core.resolve("beta/shared"), b"ws", 0, CALLER)
+        await core.fs.rename(
+            await core.resolve("acme/shared"),
+            b"ws",
+            await core.resolve("beta/shared"),
+            b"ws",
+            0,
+            CALLER,
+        )
     assert await core.exists(WS)
 
 
@@ -269,8 +301,9 @@ async def test_rename_between_workspaces(core: Core) -> None:
     await core.mkdir("acme/shared/ws2")
     await core.write_file(p("f"), b"x")
     with pytest.raises(CrossDevice):
-        await core.fs.rename(await core.resolve(WS), b"f",
-                             await core.resolve("acme/shared/ws2"), b"f", 0, CALLER)
+        await core.fs.rename(
+            await core.resolve(WS), b"f", await core.resolve("acme/shared/ws2"), b"f", 0, CALLER
+        )
     assert await core.read_file(p("f")) == b"x"
 
 
@@ -278,11 +311,13 @@ async def test_link_between_workspaces(core: Core) -> None:
     await core.mkdir("acme/shared/ws2")
     await core.write_file(p("f"), b"x")
     with pytest.raises(CrossDevice):
-        await core.fs.link(await core.resolve(p("f")), await core.resolve("acme/shared/ws2"),
-                           b"f", CALLER)
+        await core.fs.link(
+            await core.resolve(p("f")), await core.resolve("acme/shared/ws2"), b"f", CALLER
+        )
     with pytest.raises(CrossDevice):
-        await core.fs.link(await core.resolve(p("f")), await core.resolve("acme/shared"),
-                           b"f", CALLER)
+        await core.fs.link(
+            await core.resolve(p("f")), await core.resolve("acme/shared"), b"f", CALLER
+        )
 
 
 async def test_scopes_cannot_be_renamed(core: Core) -> None:
@@ -399,8 +434,12 @@ async def test_names_inside_workspace(core: Core) -> None:
     ws = await core.resolve(WS)
     await core.fs.mkdir(ws, b"\xff\xfe not utf-8", 0o755, CALLER)
     await core.fs.mkdir(ws, b"n" * 255, 0o755, CALLER)
-    for name, error in ((b"n" * 256, NameTooLong), (b"a/b", InvalidName),
-                        (b"a\0b", InvalidName), (b".snapshots", InvalidName)):
+    for name, error in (
+        (b"n" * 256, NameTooLong),
+        (b"a/b", InvalidName),
+        (b"a\0b", InvalidName),
+        (b".snapshots", InvalidName),
+    ):
         with pytest.raises(error):
             await core.fs.mkdir(ws, name, 0o755, CALLER)
         with pytest.raises(error):
@@ -507,8 +546,9 @@ async def test_rename_missing_source(core: Core) -> None:
 async def test_rename_dir_between_parents(core: Core) -> None:
     await core.makedirs(p("a/moved/inner"))
     await core.mkdir(p("b"))
-    await core.fs.rename(await core.resolve(p("a")), b"moved", await core.resolve(p("b")),
-                         b"here", 0, CALLER)
+    await core.fs.rename(
+        await core.resolve(p("a")), b"moved", await core.resolve(p("b")), b"here", 0, CALLER
+    )
     assert (await core.attr(p("a"))).nlink == 2
     assert (await core.attr(p("b"))).nlink == 3
     assert (await core.attr(p("b/here"))).nlink == 3
@@ -542,8 +582,14 @@ async def test_rename_exchange_file_and_dir_across_parents(core: Core) -> None:
     await core.makedirs(p("x/dir/sub"))
     await core.mkdir(p("y"))
     await core.write_file(p("y/file"), b"F")
-    await core.fs.rename(await core.resolve(p("x")), b"dir", await core.resolve(p("y")),
-                         b"file", RENAME_EXCHANGE, CALLER)
+    await core.fs.rename(
+        await core.resolve(p("x")),
+        b"dir",
+        await core.resolve(p("y")),
+        b"file",
+        RENAME_EXCHANGE,
+        CALLER,
+    )
     assert await core.read_file(p("x/dir")) == b"F"
     assert await core.listdir(p("y/file")) == [b"sub"]
     assert (await core.attr(p("x"))).nlink == 2
@@ -574,8 +620,7 @@ async def test_rename_exchange_dir_with_own_descendant(core: Core) -> None:
     await core.makedirs(p("a/b"))
     ws = await core.resolve(WS)
     with pytest.raises(InvalidArgument):
-        await core.fs.rename(ws, b"a", await core.resolve(p("a")), b"b", RENAME_EXCHANGE,
-                             CALLER)
+        await core.fs.rename(ws, b"a", await core.resolve(p("a")), b"b", RENAME_EXCHANGE, CALLER)
     assert await core.exists(p("a/b"))
     assert core.store.index.parent_of(await core.resolve(p("a")))[0] == ws  # type: ignore[index]
 
@@ -740,8 +785,15 @@ async def test_read_ranges(core: Core) -> None:
     await core.write_file(p("f"), data)
     fh = await core.open(p("f"))
     try:
-        for off, n in ((0, 1), (BLOCK - 1, 2), (BLOCK - 10, BLOCK + 20), (2 * BLOCK, BLOCK),
-                       (3 * BLOCK - 1, 100), (3 * BLOCK, 10), (10 * BLOCK, 10)):
+        for off, n in (
+            (0, 1),
+            (BLOCK - 1, 2),
+            (BLOCK - 10, BLOCK + 20),
+            (2 * BLOCK, BLOCK),
+            (3 * BLOCK - 1, 100),
+            (3 * BLOCK, 10),
+            (10 * BLOCK, 10),
+        ):
             assert await core.fs.read(fh, off, n) == data[off : off + n]
     finally:
         await core.fs.release(fh)
@@ -749,8 +801,14 @@ async def test_read_ranges(core: Core) -> None:
 
 @pytest.mark.parametrize(
     ("off", "n"),
-    [(0, 10), (BLOCK - 3, 6), (BLOCK, BLOCK), (BLOCK + 1, 2 * BLOCK), (3 * BLOCK - 1, 1),
-     (2 * BLOCK + 100, 3 * BLOCK)],
+    [
+        (0, 10),
+        (BLOCK - 3, 6),
+        (BLOCK, BLOCK),
+        (BLOCK + 1, 2 * BLOCK),
+        (3 * BLOCK - 1, 1),
+        (2 * BLOCK + 100, 3 * BLOCK),
+    ],
 )
 async def test_write_at_offsets_spanning_blocks(core: Core, off: int, n: int) -> None:
     base = pattern(3 * BLOCK, seed=1)
@@ -1032,7 +1090,8 @@ async def test_xattrs(core: Core) -> None:
     assert await core.fs.getxattr(ino, b"user.summary") == b"\x00bin\xff"
     assert await core.fs.getxattr(ino, b"user.empty") == b""
     assert sorted(await core.fs.listxattr(ino)) == sorted(
-        [b"user.mime_type", b"user.summary", b"user.empty", SHA])
+        [b"user.mime_type", b"user.summary", b"user.empty", SHA]
+    )
     await core.fs.setxattr(ino, b"user.mime_type", b"application/json", CALLER)
     assert await core.fs.getxattr(ino, b"user.mime_type") == b"application/json"
     await core.fs.removexattr(ino, b"user.summary", CALLER)
@@ -1273,8 +1332,7 @@ async def test_data_survives_reopening_the_store(tmp_path: Path) -> None:
         await c.fs.link(ino, await c.resolve(WS), b"hard", CALLER)
         await c.fs.symlink(await c.resolve(WS), b"sym", b"d/e/big", CALLER)
         await c.fs.setxattr(ino, b"user.mime_type", b"application/octet-stream", CALLER)
-        await c.fs.setattr(ino, AttrChanges(mode=0o600, mtime_ns=1_500_000_000_000_000_001),
-                           CALLER)
+        await c.fs.setattr(ino, AttrChanges(mode=0o600, mtime_ns=1_500_000_000_000_000_001), CALLER)
         await c.write_file("acme/shared/blob", b"blob data")
         ns_id = await c.fs.getxattr(await c.resolve(WS), NSX)
         fh = await c.create(p("unreleased"))  # still open at shutdown: committed then
@@ -1379,8 +1437,7 @@ async def test_file_too_big(core: Core) -> None:
     finally:
         await core.fs.release(fh)
     with pytest.raises(FileTooBig):
-        await core.fs.setattr(await core.resolve(p("f")), AttrChanges(size=(1 << 50) + 1),
-                              CALLER)
+        await core.fs.setattr(await core.resolve(p("f")), AttrChanges(size=(1 << 50) + 1), CALLER)
     assert (await core.attr(p("f"))).size == 0
 
 
@@ -1424,8 +1481,7 @@ async def test_sandbox_and_scope_events(core: Core) -> None:
     await core.makedirs("beta/user-bob")
     await core.fs.rmdir(await core.resolve("beta"), b"user-bob", CALLER)
     await core.fs.rmdir(ROOT_INODE, b"beta", CALLER)
-    evs = [(e.type, e.sandbox, e.payload) for e in core.store.index.events()
-           if e.sandbox == "beta"]
+    evs = [(e.type, e.sandbox, e.payload) for e in core.store.index.events() if e.sandbox == "beta"]
     assert evs == [
         ("sandbox.create", "beta", {"name": "beta", "uid": CALLER.uid}),
         ("scope.create", "beta", {"sandbox": "beta", "scope": "user-bob", "uid": CALLER.uid}),

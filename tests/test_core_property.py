@@ -6,8 +6,10 @@ xattrs) and the outcome of the step (success, or the same errno).
 The core is driven as the kernel drives it through FUSE: paths are walked with `lookup`, files
 are opened, written and released, and checks the kernel's VFS makes before it calls a
 filesystem at all are made here (`vfs_precheck`), so that only what reaches the core is
-compared. After every step the kernel "forgets" every inode (as it may under memory pressure)
-and the index invariants are checked.
+compared. Handles may stay open across steps (unflushed writes, ftruncate, files unlinked or
+renamed while open). After every step the kernel "forgets" every inode it does not hold open
+(as it may under memory pressure) and the index invariants are checked. Each example runs the
+index either committing every operation or grouping them as the daemon does.
 
 Hypothesis drives plain `trio.run` calls from a sync test (pytest-trio only runs `async def`
 tests itself).
@@ -67,33 +69,65 @@ def draw_op(data: st.DataObject, tree: dict[str, tuple[Any, ...]]) -> tuple[Any,
     existing = sorted(tree)
     dirs = [""] + [k for k, v in tree.items() if v[0] == "dir"]
     fresh = sorted(
-        {f"{d}/{n}" if d else n for d in dirs if d.count("/") + 1 < MAX_DEPTH or not d
-         for n in NAMES} - set(existing)
+        {
+            f"{d}/{n}" if d else n
+            for d in dirs
+            if d.count("/") + 1 < MAX_DEPTH or not d
+            for n in NAMES
+        }
+        - set(existing)
     )
     candidates = existing + fresh
     any_st = st.sampled_from(candidates)
     old_st = st.one_of(st.sampled_from(existing), any_st) if existing else any_st
     new_st = st.one_of(st.sampled_from(fresh), any_st) if fresh else any_st
-    nested = [(x, y) for x in candidates for y in candidates
-              if y.startswith(x + "/") or x.startswith(y + "/")]
-    pair_st = st.one_of(st.tuples(old_st, st.one_of(old_st, new_st)),
-                        *([st.sampled_from(nested)] if nested else []))
+    nested = [
+        (x, y)
+        for x in candidates
+        for y in candidates
+        if y.startswith(x + "/") or x.startswith(y + "/")
+    ]
+    pair_st = st.one_of(
+        st.tuples(old_st, st.one_of(old_st, new_st)), *([st.sampled_from(nested)] if nested else [])
+    )
     files = [k for k, v in tree.items() if v[0] == "file"]
     file_st = st.one_of(st.sampled_from(files), old_st) if files else old_st
     subdirs = dirs[1:]
     dir_st = st.one_of(st.sampled_from(subdirs), old_st) if subdirs else old_st
-    kind = data.draw(st.sampled_from([
-        "create", "write", "truncate", "rename", "link", "unlink", "mkdir", "rmdir", "symlink",
-        "setxattr", "removexattr", "open", "pwrite", "ftruncate", "close",
-    ]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "create",
+                "write",
+                "truncate",
+                "rename",
+                "link",
+                "unlink",
+                "mkdir",
+                "rmdir",
+                "symlink",
+                "setxattr",
+                "removexattr",
+                "open",
+                "pwrite",
+                "ftruncate",
+                "close",
+            ]
+        )
+    )
     d = data.draw
     if kind in ("create", "mkdir"):
         return (kind, d(new_st))
     if kind == "symlink":
         return (kind, d(new_st), d(st.integers(0, 3)))
     if kind == "write":
-        return (kind, d(file_st), d(st.sampled_from(OFFSETS)), d(st.sampled_from(LENGTHS)),
-                d(st.integers(0, 5)))
+        return (
+            kind,
+            d(file_st),
+            d(st.sampled_from(OFFSETS)),
+            d(st.sampled_from(LENGTHS)),
+            d(st.integers(0, 5)),
+        )
     if kind == "truncate":
         return (kind, d(file_st), d(st.sampled_from(SIZES)))
     if kind == "rename":
@@ -113,8 +147,13 @@ def draw_op(data: st.DataObject, tree: dict[str, tuple[Any, ...]]) -> tuple[Any,
     if kind == "open":
         return (kind, d(file_st), d(st.sampled_from(SLOTS)), d(st.sampled_from(OPEN_FLAGS)))
     if kind == "pwrite":
-        return (kind, d(st.sampled_from(SLOTS)), d(st.sampled_from(OFFSETS)),
-                d(st.sampled_from(LENGTHS)), d(st.integers(0, 5)))
+        return (
+            kind,
+            d(st.sampled_from(SLOTS)),
+            d(st.sampled_from(OFFSETS)),
+            d(st.sampled_from(LENGTHS)),
+            d(st.integers(0, 5)),
+        )
     if kind == "ftruncate":
         return (kind, d(st.sampled_from(SLOTS)), d(st.sampled_from(SIZES)))
     return (kind, d(st.sampled_from(SLOTS)))
@@ -417,7 +456,11 @@ async def run_ops(tmp: Path, data: st.DataObject) -> None:
 
 
 async def run_steps(
-    core: Core, top: int, real: Path, data: st.DataObject, fds: dict[int, int],
+    core: Core,
+    top: int,
+    real: Path,
+    data: st.DataObject,
+    fds: dict[int, int],
     fhs: dict[int, tuple[int, int]],
 ) -> None:
     r_tree: Tree = {}
@@ -472,4 +515,3 @@ def test_reference_supports_what_the_model_needs(tmp_path: Path) -> None:
         assert exc.errno == errno.EEXIST
     else:
         raise AssertionError("RENAME_NOREPLACE did not refuse")
-

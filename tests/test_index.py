@@ -19,8 +19,17 @@ from artifactfs.index.migrations import MIGRATIONS, migrate, schema_version
 from artifactfs.index.schema import SCHEMA_VERSION
 
 TABLES = {
-    "meta", "inodes", "dentries", "sandboxes", "scopes", "namespaces", "blocks", "blobs",
-    "symlinks", "xattrs", "events",
+    "meta",
+    "inodes",
+    "dentries",
+    "sandboxes",
+    "scopes",
+    "namespaces",
+    "blocks",
+    "blobs",
+    "symlinks",
+    "xattrs",
+    "events",
 }
 D1, D2, D3 = (bytes([i]) * 32 for i in (1, 2, 3))
 
@@ -38,9 +47,7 @@ def tables(conn: sqlite3.Connection) -> set[str]:
 
 
 def schema_text(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    return sorted(
-        (r[0], r[1] or "") for r in conn.execute("SELECT name, sql FROM sqlite_master")
-    )
+    return sorted((r[0], r[1] or "") for r in conn.execute("SELECT name, sql FROM sqlite_master"))
 
 
 def raw(path: Path) -> sqlite3.Connection:
@@ -59,17 +66,27 @@ def index(db_path: Path) -> Iterator[Index]:
     ix.close()
 
 
-def new_inode(ix: Index, *, kind: int = 5, nlink: int = 1, mode: int = stat.S_IFREG | 0o644,
-              size: int = 0) -> InodeRow:
+def new_inode(
+    ix: Index, *, kind: int = 5, nlink: int = 1, mode: int = stat.S_IFREG | 0o644, size: int = 0
+) -> InodeRow:
     with ix.txn():
-        return ix.insert_inode(kind=kind, mode=mode, uid=1, gid=2, nlink=nlink, time_ns=7,
-                               namespace_id=None, size=size)
+        return ix.insert_inode(
+            kind=kind, mode=mode, uid=1, gid=2, nlink=nlink, time_ns=7, namespace_id=None, size=size
+        )
 
 
 def root(ix: Index) -> InodeRow:
     with ix.txn():
-        return ix.insert_inode(ino=1, kind=0, mode=stat.S_IFDIR | 0o755, uid=0, gid=0,
-                               nlink=2, time_ns=1, namespace_id=None)
+        return ix.insert_inode(
+            ino=1,
+            kind=0,
+            mode=stat.S_IFDIR | 0o755,
+            uid=0,
+            gid=0,
+            nlink=2,
+            time_ns=1,
+            namespace_id=None,
+        )
 
 
 # ---- migrations -----------------------------------------------------------------------------
@@ -298,12 +315,10 @@ def test_group_units_are_committed_by_flush(grouped: Index, db_path: Path) -> No
         with grouped.txn():
             grouped.set_meta("b", "2")
         assert grouped.get_meta("a") == "1"  # visible to its own connection at once
-        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (
-            0,)
+        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (0,)
         grouped.flush()
         assert not grouped.conn.in_transaction
-        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (
-            2,)
+        assert other.execute("SELECT count(*) FROM meta WHERE key IN ('a', 'b')").fetchone() == (2,)
     finally:
         other.close()
 
@@ -422,10 +437,10 @@ def test_nlink_and_times(index: Index) -> None:
     assert (got.nlink, got.ctime_ns, got.mtime_ns) == (2, 60, 7)
     with index.txn():
         index.touch_inode(row.id, mtime_ns=70, ctime_ns=71)
-        index.update_file_state(row.id, 123, 80, 81, D2)
+        index.update_file_state(row.id, 123, 80, 81, D2, 4096)
     got = index.get_inode(row.id)
     assert got is not None
-    assert (got.size, got.mtime_ns, got.ctime_ns, got.sha256) == (123, 80, 81, D2)
+    assert (got.size, got.mtime_ns, got.ctime_ns, got.sha256, got.stored) == (123, 80, 81, D2, 4096)
 
 
 def test_unlinked_inodes(index: Index) -> None:
@@ -597,7 +612,10 @@ def test_grid_rows(index: Index) -> None:
     assert index.sandbox_by_inode(sbi.id) == index.sandbox_by_id(sb)
     scope = index.scope_by_inode(sci.id)
     assert scope is not None and (scope.kind, scope.owner, scope.name) == (
-        "user", "alice", "user-alice")
+        "user",
+        "alice",
+        "user-alice",
+    )
     assert index.scope_by_id(sc) == scope
     nsrow = index.namespace_by_root(nsi.id)
     assert nsrow is not None and nsrow == index.namespace_by_id(ns)

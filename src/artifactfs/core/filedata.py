@@ -317,7 +317,12 @@ class FileData:
                         (v for v in staged.values() if v is not None), time.time_ns()
                     )
                     self.index.update_file_state(
-                        self.ino, self.size, self.mtime_ns, self.ctime_ns, sha
+                        self.ino,
+                        self.size,
+                        self.mtime_ns,
+                        self.ctime_ns,
+                        sha,
+                        self._stored_after(staged),
                     )
                 for idx, v in staged.items():
                     if v is None:
@@ -329,6 +334,16 @@ class FileData:
                 self.changed = False
         if durable:
             self.index.make_durable()
+
+    def _stored_after(self, staged: dict[int, tuple[bytes, int] | None]) -> int:
+        """Storage of the committed blocks once `staged` is applied."""
+        idxs = set(self.committed)
+        for idx, v in staged.items():
+            if v is None:
+                idxs.discard(idx)
+            else:
+                idxs.add(idx)
+        return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
 
     def stored_bytes(self) -> int:
         """Bytes of storage the file's non-hole blocks take (for st_blocks)."""
@@ -344,10 +359,19 @@ class FileData:
     @property
     def clean(self) -> bool:
         """Nothing differs from the index and nothing is in flight."""
-        return not (
-            self.changed or self.dirty or self.sealed or self.pending or self.staged
-            or self.drop_from is not None or self.error is not None or self.lock.locked()
-        ) and self._hash_tail.is_set()
+        return (
+            not (
+                self.changed
+                or self.dirty
+                or self.sealed
+                or self.pending
+                or self.staged
+                or self.drop_from is not None
+                or self.error is not None
+                or self.lock.locked()
+            )
+            and self._hash_tail.is_set()
+        )
 
     @property
     def has_unstored(self) -> bool:

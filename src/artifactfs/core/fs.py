@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from artifactfs.core.blockio import BlockIO
-from artifactfs.core.filedata import FileData, stored_estimate
+from artifactfs.core.filedata import FileData
 from artifactfs.core.names import (
     NAME_MAX,
     SNAPSHOTS_NAME,
@@ -135,9 +135,8 @@ class FileSystem:
         if data is not None:
             size, mtime, ctime = data.size, data.mtime_ns, data.ctime_ns
             stored = data.stored_bytes()
-        elif kind is NodeKind.FILE and size:
-            n, top = self.index.block_stats(row.id)
-            stored = stored_estimate(n, size, self.bs, top == (size - 1) // self.bs)
+        elif kind is NodeKind.FILE:
+            stored = row.stored
         elif kind.is_dir:
             stored = 4096
         return Attr(

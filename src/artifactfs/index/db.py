@@ -29,7 +29,7 @@ GROUP_COMMIT_MAX_UNITS = 2000
 
 INODE_COLUMNS = (
     "id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, btime_ns, "
-    "namespace_id, sha256"
+    "namespace_id, sha256, stored"
 )
 
 
@@ -49,6 +49,7 @@ class InodeRow:
     btime_ns: int
     namespace_id: int | None
     sha256: bytes | None
+    stored: int = 0
 
 
 @dataclass(slots=True)
@@ -350,11 +351,18 @@ class Index:
         )
 
     def update_file_state(
-        self, ino: int, size: int, mtime_ns: int, ctime_ns: int, sha256: bytes | None
+        self,
+        ino: int,
+        size: int,
+        mtime_ns: int,
+        ctime_ns: int,
+        sha256: bytes | None,
+        stored: int,
     ) -> None:
         self.conn.execute(
-            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, sha256 = ? WHERE id = ?",
-            (size, mtime_ns, ctime_ns, sha256, ino),
+            "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, sha256 = ?, stored = ? "
+            "WHERE id = ?",
+            (size, mtime_ns, ctime_ns, sha256, stored, ino),
         )
 
     def set_sha256(self, ino: int, sha256: bytes) -> None:

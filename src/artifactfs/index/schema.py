@@ -44,7 +44,8 @@ CREATE TABLE inodes (
     ctime_ns     INTEGER NOT NULL,
     btime_ns     INTEGER NOT NULL,          -- creation time
     namespace_id INTEGER,                   -- namespaces.id; NULL for root, sandboxes, scopes
-    sha256       BLOB                       -- whole-content SHA-256 of a file; NULL = unknown
+    sha256       BLOB,                      -- whole-content SHA-256 of a file; NULL = unknown
+    stored       INTEGER NOT NULL DEFAULT 0  -- bytes of storage its blocks use (st_blocks)
 );
 
 -- Names. A directory's children; a file with n hard links has n rows. `id` orders readdir
