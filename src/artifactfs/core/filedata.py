@@ -277,10 +277,6 @@ class FileData:
 
     # ---- commit -------------------------------------------------------------------------------
 
-    async def wait_stored(self) -> None:
-        await self._idle.wait()
-        await self._hash_tail.wait()
-
     async def commit(self, *, durable: bool = False) -> None:
         """Make everything written so far visible in the index in one transaction."""
         if self.clean:

@@ -996,9 +996,6 @@ class FileSystem:
 
     # ---- extended attributes ------------------------------------------------------------------
 
-    def _readonly_xattr(self, row: InodeRow, name: bytes) -> bool:
-        return name in READONLY_XATTRS
-
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(b"user.artifactfs."):
             # The hot path: the kernel asks for security.capability before every write.

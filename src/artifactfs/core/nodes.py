@@ -42,13 +42,6 @@ class Caller:
     umask: int = 0o022
     groups: tuple[int, ...] = ()
 
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def in_group(self, gid: int) -> bool:
-        return gid == self.gid or gid in self.groups
-
 
 ROOT_CALLER = Caller(uid=0, gid=0)
 

@@ -79,7 +79,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 nursery.start_soon(_checkpointer, store)
                 nursery.start_soon(_group_committer, store)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-                nursery.start_soon(_announce_ready, settings, ready_fd)
+                nursery.start_soon(_announce_ready, settings, store, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
                 await fs.shutdown()
                 store.index.flush()
@@ -93,13 +93,17 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
         store.close()
 
 
-async def _announce_ready(settings: MountSettings, ready_fd: int | None) -> None:
+async def _announce_ready(settings: MountSettings, store: Store, ready_fd: int | None) -> None:
     """Once the mount answers (a stat through it returns), tune it and tell the parent.
 
     The stat is a FUSE request to ourselves, so it runs in a worker thread while pyfuse3.main
     serves it on the trio thread.
     """
     await trio.to_thread.run_sync(tune_read_ahead, settings.mountpoint, settings.read_ahead_kb)
+    # Temp files of puts cut short by a crash; an hour old so no live put is touched.
+    swept = await trio.to_thread.run_sync(store.backend.sweep_temp, 3600.0)
+    if swept:
+        log.info("removed %d temporary blob files left by a crash", swept)
     log.info("serving %s at %s", settings.store, settings.mountpoint)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
