@@ -159,6 +159,9 @@ class Index:
         a unit is a SAVEPOINT inside a longer write transaction that `flush()` commits: on
         every close/fsync of a file and at least every `GROUP_COMMIT_INTERVAL` seconds, so a
         burst of metadata operations (tar, rm -r) pays one commit instead of one each.
+
+        Callers must not await inside a unit (tests/test_layering.py checks): another task's
+        unit would otherwise join it as a nested one.
         """
         if self._depth:
             self._depth += 1
