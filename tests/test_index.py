@@ -29,6 +29,7 @@ TABLES = {
     "blobs",
     "symlinks",
     "xattrs",
+    "pending_blobs",
     "events",
 }
 D1, D2, D3 = (bytes([i]) * 32 for i in (1, 2, 3))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from artifactfs.core.blockio import BlockIO
+from artifactfs.core.blockio import INLINE_IO_MAX, BlockIO
 from artifactfs.errors import FsError, StorageError
 
 if TYPE_CHECKING:
@@ -198,6 +198,13 @@ class FileData:
                 # The hasher is passed, not looked up later: a truncate to zero replaces it,
                 # and the old content's steps must not feed the new one.
                 self.nursery.start_soon(self._hash_step, prev, self._hash_tail, self.hasher, chunk)
+        if len(data) <= INLINE_IO_MAX:
+            # Small: digest now, journal it with the commit, let the mover store it. A close
+            # then costs one index commit instead of a blob file creation.
+            digest = self.io.stage_small(data)
+            del self.sealed[idx]
+            self.staged[idx] = None if digest is None else (digest, len(data))
+            return
         if self.pending == 0:
             self._idle = trio.Event()
         self.pending += 1
@@ -311,6 +318,14 @@ class FileData:
                     )
                     self.index.record_blobs(
                         (v for v in staged.values() if v is not None), time.time_ns()
+                    )
+                    # Blocks still waiting for the mover are journalled in this commit, so a
+                    # crash cannot lose what was closed.
+                    pending = self.io.pending
+                    self.index.add_pending_blobs(
+                        (v[0], pending[v[0]])
+                        for v in staged.values()
+                        if v is not None and v[0] in pending
                     )
                     self.index.update_file_state(
                         self.ino,

@@ -102,6 +102,14 @@ class FileSystem:
     def start(self, nursery: trio.Nursery) -> None:
         """Attach to the nursery that runs background stores; reclaim what a crash left."""
         self._nursery = nursery
+        # Small blocks journalled before a crash: served from memory and stored by the mover.
+        recovered = self.index.pending_blobs()
+        for digest, data in recovered:
+            self.io.dirty_bytes += len(data)
+            self.io.queue_pending(digest, data)
+        if recovered:
+            log.info("storing %d journalled blocks left by an earlier run", len(recovered))
+        nursery.start_soon(self._mover)
         orphans = self.index.unlinked_inodes()
         if orphans:
             with self.index.txn():
@@ -110,9 +118,27 @@ class FileSystem:
             log.info("reclaimed %d unlinked inodes left by an earlier run", len(orphans))
 
     async def shutdown(self) -> None:
-        """Commit every open file (unmount or daemon stop)."""
+        """Commit every open file and store every journalled block (unmount, daemon stop)."""
         for data in list(self.files.values()):
             await data.commit()
+        await self.io.drained()
+        self.index.flush()
+
+    async def _mover(self) -> None:
+        """Store journalled small blocks in the backend, in batches, off the request path."""
+        while True:
+            batch = await self.io.next_batch()
+            try:
+                await trio.to_thread.run_sync(self.io.put_many, batch, limiter=self.io.limiter)
+            except Exception as exc:
+                # The blocks stay journalled and readable; try again shortly.
+                log.error("storing %d journalled blocks failed: %s", len(batch), exc)
+                self.io.moved(batch, ok=False)
+                await trio.sleep(1.0)
+                continue
+            with self.index.txn():
+                self.index.remove_pending_blobs(d for d, _ in batch)
+            self.io.moved(batch, ok=True)
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -618,6 +618,22 @@ class Index:
             ((d, s, time_ns) for d, s in blobs),
         )
 
+    def add_pending_blobs(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO pending_blobs (digest, data) VALUES (?, ?)", blobs
+        )
+
+    def remove_pending_blobs(self, digests: Iterable[bytes]) -> None:
+        self.conn.executemany(
+            "DELETE FROM pending_blobs WHERE digest = ?", ((d,) for d in digests)
+        )
+
+    def pending_blobs(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (bytes(d), bytes(v))
+            for d, v in self.conn.execute("SELECT digest, data FROM pending_blobs")
+        ]
+
     def known_blob(self, digest: bytes) -> bool:
         return (
             self.conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone()

@@ -115,6 +115,15 @@ CREATE TABLE blobs (
     created_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- Small blocks committed to a block map before their put into the backend finished (the
+-- write-back journal): the daemon's mover stores them and deletes the row; a daemon that
+-- starts after a crash stores what is left here first. Readers find these bytes here until
+-- then, so a block map may name a digest that is in `pending_blobs` instead of the backend.
+CREATE TABLE pending_blobs (
+    digest     BLOB PRIMARY KEY,
+    data       BLOB NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE symlinks (
     inode  INTEGER PRIMARY KEY REFERENCES inodes(id),
     target BLOB NOT NULL
@@ -146,4 +155,5 @@ CREATE INDEX events_by_type ON events(type, seq);
 #    DIR all count as directories);
 #  - inodes with nlink = 0 are open-unlinked files; they are deleted at the daemon's last
 #    forget/release, or at the next start after a crash;
-#  - every blocks.digest is in blobs, and every blob in `blobs` is in the backend.
+#  - every blocks.digest is in blobs, and every blob in `blobs` is in the backend or in
+#    pending_blobs.
