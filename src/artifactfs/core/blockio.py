@@ -112,7 +112,8 @@ class BlockIO:
         return [(d, self.pending[d]) for d in digests]
 
     def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> None:
-        """Worker thread: store a batch of pending blocks."""
+        """Worker thread: store a batch of pending blocks (not yet synced: their journal rows
+        stay until a later sync, see FileSystem.retire_journal)."""
         for digest, data in batch:
             self.backend.put(digest, data)
 

@@ -289,6 +289,7 @@ class FileData:
         if self.clean:
             # Nothing to do (a close of an unchanged file): no lock, no checkpoints.
             if durable:
+                await self.io.sync()
                 self.index.make_durable()
             return
         async with self.lock:
@@ -302,8 +303,9 @@ class FileData:
                 if isinstance(exc, FsError):
                     raise exc
                 raise StorageError(f"storing data of inode {self.ino} failed: {exc}")
-            if durable and self.staged:
-                # Blocks first, then the index that points at them.
+            if durable:
+                # Blocks first (this file's and any the mover stored), then the index that
+                # points at them. A no-op when nothing was put since the last sync.
                 await self.io.sync()
             if self.changed or self.staged or self.drop_from is not None:
                 sha = None

@@ -96,6 +96,7 @@ class FileSystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
+        self._stored_journal: list[bytes] = []  # stored by the mover, rows not yet deleted
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -122,7 +123,13 @@ class FileSystem:
         for data in list(self.files.values()):
             await data.commit()
         await self.io.drained()
+        await self.retire_journal()
         self.index.flush()
+
+    async def make_durable(self) -> None:
+        """Everything committed so far, blobs first, onto stable storage (fsyncdir)."""
+        await self.io.sync()
+        self.index.make_durable()
 
     async def _mover(self) -> None:
         """Store journalled small blocks in the backend, in batches, off the request path."""
@@ -136,9 +143,23 @@ class FileSystem:
                 self.io.moved(batch, ok=False)
                 await trio.sleep(1.0)
                 continue
-            with self.index.txn():
-                self.index.remove_pending_blobs(d for d, _ in batch)
+            self._stored_journal.extend(d for d, _ in batch)
             self.io.moved(batch, ok=True)
+
+    async def retire_journal(self) -> None:
+        """Delete the journal rows of blocks the mover has stored, once those are synced.
+
+        The rows go only after a sync: were the blobs still only in the page cache, a
+        checkpoint could make the deletion durable first and a power loss would lose blocks
+        of files that were fsynced while journalled. One sync per call (the daemon calls it
+        every second) instead of one per batch keeps the mover cheap.
+        """
+        rows, self._stored_journal = self._stored_journal, []
+        if not rows:
+            return
+        await self.io.sync()
+        with self.index.txn():
+            self.index.remove_pending_blobs(rows)
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -247,7 +247,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.fs.index.make_durable()
+        await self.fs.make_durable()
 
     @_translate
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

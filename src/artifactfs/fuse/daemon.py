@@ -76,7 +76,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 fs.start(nursery)
                 store.index.defer_checkpoints()
                 store.index.group_commit = True
-                nursery.start_soon(_checkpointer, store)
+                nursery.start_soon(_checkpointer, store, fs)
                 nursery.start_soon(_group_committer, store)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, store, ready_fd)
@@ -117,14 +117,23 @@ async def _group_committer(store: Store) -> None:
         store.index.flush()
 
 
-async def _checkpointer(store: Store, interval: float = 1.0) -> None:
-    """Fold the WAL into the database in a worker thread, off the request path."""
+async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> None:
+    """Every second: retire stored journal rows, then fold the WAL into the database in a
+    worker thread, off the request path."""
     while True:
         await trio.sleep(interval)
         try:
-            await trio.to_thread.run_sync(store.index.checkpoint)
+            await fs.retire_journal()
+            await trio.to_thread.run_sync(_sync_then_checkpoint, store)
         except Exception as exc:  # a busy database is retried next time
             log.warning("WAL checkpoint failed: %s", exc)
+
+
+def _sync_then_checkpoint(store: Store) -> None:
+    # Blobs reach stable storage before the index pages that name them (the checkpoint
+    # fsyncs the database), as ext4's ordered mode puts data before metadata.
+    store.backend.sync()
+    store.index.checkpoint()
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
