@@ -291,45 +291,18 @@ class Index:
         ino: int | None = None,
         sha256: bytes | None = None,
     ) -> InodeRow:
+        # In column order after `id`: the same values make the row and the returned object.
+        t = time_ns
+        values = (kind, mode, uid, gid, nlink, size, rdev, t, t, t, t, namespace_id, sha256)
         cur = self.conn.execute(
             "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, "
             "mtime_ns, ctime_ns, btime_ns, namespace_id, sha256) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                ino,
-                kind,
-                mode,
-                uid,
-                gid,
-                nlink,
-                size,
-                rdev,
-                time_ns,
-                time_ns,
-                time_ns,
-                time_ns,
-                namespace_id,
-                sha256,
-            ),
+            (ino, *values),
         )
         new_id = ino if ino is not None else cur.lastrowid
         assert new_id is not None
-        return InodeRow(
-            new_id,
-            kind,
-            mode,
-            uid,
-            gid,
-            nlink,
-            size,
-            rdev,
-            time_ns,
-            time_ns,
-            time_ns,
-            time_ns,
-            namespace_id,
-            sha256,
-        )
+        return InodeRow(new_id, *values)
 
     def update_inode(self, row: InodeRow) -> None:
         """Write back every mutable column of `row`."""
@@ -624,9 +597,7 @@ class Index:
         )
 
     def remove_pending_blobs(self, digests: Iterable[bytes]) -> None:
-        self.conn.executemany(
-            "DELETE FROM pending_blobs WHERE digest = ?", ((d,) for d in digests)
-        )
+        self.conn.executemany("DELETE FROM pending_blobs WHERE digest = ?", ((d,) for d in digests))
 
     def pending_blobs(self) -> list[tuple[bytes, bytes]]:
         return [
