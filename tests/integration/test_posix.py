@@ -107,6 +107,21 @@ def test_directory_lists_every_entry(ws: Path) -> None:
     assert all(e.is_file() for e in os.scandir(ws))
 
 
+def test_ls_a_shows_dot_entries_and_every_name_once_across_pages(ws: Path) -> None:
+    """More entries than one readdir reply holds: the listing resumes at the right offset,
+    and `.`/`..` come first, as on a local filesystem."""
+    names = {f"n{i:04d}" for i in range(700)}
+    for name in names:
+        (ws / name).touch()
+    out = subprocess.run(["ls", "-a", "-1", "-f", str(ws)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == [".", ".."]
+    assert sorted(out[2:]) == sorted(names)
+    dot = os.stat(ws / ".")
+    assert (dot.st_ino, dot.st_dev) == (os.stat(ws).st_ino, os.stat(ws).st_dev)
+    assert os.stat(ws / "..").st_ino == os.stat(ws.parent).st_ino
+
+
 def test_name_of_255_bytes_is_accepted(ws: Path) -> None:
     name = "é" * 127 + "f"
     (ws / name).write_bytes(b"x")

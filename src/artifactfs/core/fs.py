@@ -1007,6 +1007,10 @@ class FileSystem:
             raise NotADirectory()
         return ino
 
+    async def dot_attrs(self, ino: int) -> tuple[Attr, Attr]:
+        """Attributes of a directory and of its parent (the grid root is its own parent)."""
+        return self._lookup(ino, b"."), self._lookup(ino, b"..")
+
     async def readdir(self, ino: int, after: int, limit: int = 256) -> list[DirEntry]:
         out: list[DirEntry] = []
         grid = NodeKind(self._row(ino).kind) in (NodeKind.ROOT, NodeKind.SANDBOX)

@@ -23,6 +23,9 @@ from artifactfs.fuse.errno_map import errno_for
 
 log = logging.getLogger(__name__)
 
+# readdir offsets 1 and 2 belong to "." and "..".
+DOT_ENTRIES = 2
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -105,9 +108,13 @@ class FuseOperations(pyfuse3.Operations):
             e.entry_timeout = self.entry_timeout
             return e
 
-    @_translate
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        self.fs.forget(inode_list)
+        # forget has no reply: pyfuse3 ends its main loop on ANY exception here, FUSEError
+        # included, so everything is logged and swallowed.
+        try:
+            self.fs.forget(inode_list)
+        except Exception:
+            log.exception("forget of %d inodes failed", len(inode_list))
 
     @_translate
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -227,14 +234,23 @@ class FuseOperations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        after = start_id
+        # Offsets: 1 after ".", 2 after "..", then DOT_ENTRIES + the core's dentry offsets.
+        if start_id < DOT_ENTRIES:
+            this, parent = await self.fs.dot_attrs(fh)
+            for offset, name, attr in ((1, b".", this), (2, b"..", parent)):
+                # "." and ".." take no lookup reference (the kernel never forgets them).
+                if offset > start_id and not pyfuse3.readdir_reply(
+                    token, name, self._entry(attr), offset
+                ):
+                    return
+        after = max(start_id - DOT_ENTRIES, 0)
         while True:
             entries = await self.fs.readdir(fh, after)
             if not entries:
                 return
             for ent in entries:
                 if not pyfuse3.readdir_reply(
-                    token, ent.name, self._entry(ent.attr), ent.next_offset
+                    token, ent.name, self._entry(ent.attr), ent.next_offset + DOT_ENTRIES
                 ):
                     return
                 # readdirplus hands the kernel a reference, as a lookup would.
