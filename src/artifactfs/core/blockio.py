@@ -99,7 +99,8 @@ class BlockIO:
     def queue_pending(self, digest: bytes, data: bytes) -> None:
         self.pending[digest] = data
         self._to_move.append(digest)
-        self._drained = trio.Event() if self._drained.is_set() else self._drained
+        if self._drained.is_set():
+            self._drained = trio.Event()
         self._work.set()
 
     async def next_batch(self, limit: int = 256) -> list[tuple[bytes, bytes]]:
@@ -161,7 +162,7 @@ class BlockIO:
         try:
             return self.backend.get(digest)
         except NotFound:
-            raise StorageError(f"block {digest.hex()} is missing from the blob store") from None
+            raise _missing(digest) from None
 
     def _read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
         out = []
@@ -173,7 +174,7 @@ class BlockIO:
             try:
                 out.append(self.backend.read(digest, offset, size))
             except NotFound:
-                raise StorageError(f"block {digest.hex()} is missing from the blob store") from None
+                raise _missing(digest) from None
         return out
 
     async def read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
@@ -187,3 +188,7 @@ class BlockIO:
 
     async def hash_update(self, hasher: hashlib._Hash, data: bytes) -> None:
         await trio.to_thread.run_sync(hasher.update, data, limiter=self.limiter)
+
+
+def _missing(digest: bytes) -> StorageError:
+    return StorageError(f"block {digest.hex()} is missing from the blob store")

@@ -48,7 +48,6 @@ class FileData:
         mtime_ns: int,
         ctime_ns: int,
         committed: dict[int, bytes],
-        committed_sizes: dict[bytes, int] | None = None,
     ) -> None:
         self.io = io
         self.index = index
@@ -184,8 +183,6 @@ class FileData:
         self._seal_data(idx, bytes(self.dirty.pop(idx)))
 
     def _seal_data(self, idx: int, data: bytes) -> None:
-        version = self.versions[idx]
-        self.sealed[idx] = (version, data)
         start = idx * self.bs
         if self.hasher is not None and start <= self.hash_pos < start + len(data):
             chunk = data[self.hash_pos - start :]
@@ -202,9 +199,10 @@ class FileData:
             # Small: digest now, journal it with the commit, let the mover store it. A close
             # then costs one index commit instead of a blob file creation.
             digest = self.io.stage_small(data)
-            del self.sealed[idx]
             self.staged[idx] = None if digest is None else (digest, len(data))
             return
+        version = self.versions[idx]
+        self.sealed[idx] = (version, data)
         if self.pending == 0:
             self._idle = trio.Event()
         self.pending += 1
@@ -356,17 +354,14 @@ class FileData:
                 idxs.discard(idx)
             else:
                 idxs.add(idx)
-        return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
+        return self._stored_of(idxs)
 
     def stored_bytes(self) -> int:
-        """Bytes of storage the file's non-hole blocks take (for st_blocks)."""
-        idxs = set(self.committed) | set(self.dirty) | set(self.sealed)
-        idxs |= {i for i, v in self.staged.items() if v is not None}
-        idxs -= {
-            i
-            for i, v in self.staged.items()
-            if v is None and i not in self.dirty and i not in self.sealed
-        }
+        """Bytes of storage the file's non-hole blocks take now (for st_blocks)."""
+        idxs = set(self.committed) | set(self.dirty) | set(self.sealed) | set(self.staged)
+        return self._stored_of({i for i in idxs if self._source(i) is not None})
+
+    def _stored_of(self, idxs: set[int]) -> int:
         return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
 
     @property
@@ -385,10 +380,6 @@ class FileData:
             )
             and self._hash_tail.is_set()
         )
-
-    @property
-    def has_unstored(self) -> bool:
-        return bool(self.dirty or self.sealed or self.pending)
 
 
 def stored_estimate(nblocks: int, size: int, bs: int, has_last: bool) -> int:

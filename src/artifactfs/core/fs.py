@@ -868,7 +868,7 @@ class FileSystem:
 
     def _release_data(self, data: FileData) -> None:
         data.users -= 1
-        if data.users == 0 and not data.changed and not data.has_unstored and not data.staged:
+        if data.users == 0 and data.clean:
             del self.files[data.ino]
             self._reap(data.ino)
 
@@ -965,7 +965,7 @@ class FileSystem:
         if NodeKind(row.kind) is not NodeKind.FILE:
             raise NoData()
         data = self.files.get(ino)
-        if data is not None and (data.changed or data.has_unstored or data.staged):
+        if data is not None and not data.clean:
             await data.commit()
             row = self._row(ino)
         if row.sha256 is not None:
