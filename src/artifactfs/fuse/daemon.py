@@ -81,8 +81,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, store, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
-                await fs.shutdown()
-                store.index.flush()
+                await fs.shutdown()  # commits everything, the group transaction included
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
@@ -100,14 +99,15 @@ async def _announce_ready(settings: MountSettings, store: Store, ready_fd: int |
     serves it on the trio thread.
     """
     await trio.to_thread.run_sync(tune_read_ahead, settings.mountpoint, settings.read_ahead_kb)
-    # Temp files of puts cut short by a crash; an hour old so no live put is touched.
-    swept = await trio.to_thread.run_sync(store.backend.sweep_temp, 3600.0)
-    if swept:
-        log.info("removed %d temporary blob files left by a crash", swept)
     log.info("serving %s at %s", settings.store, settings.mountpoint)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+    # After the parent is told: this walks the whole blob tree. Temp files of puts cut short
+    # by a crash; an hour old so no live put is touched.
+    swept = await trio.to_thread.run_sync(store.backend.sweep_temp, 3600.0)
+    if swept:
+        log.info("removed %d temporary blob files left by a crash", swept)
 
 
 async def _group_committer(store: Store) -> None:
