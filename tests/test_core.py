@@ -1411,7 +1411,7 @@ async def test_digest_is_kept_not_recomputed(core: Core, monkeypatch: pytest.Mon
     def no_hashing(*args: object) -> bytes:
         raise AssertionError("the digest of an unchanged file was computed again")
 
-    monkeypatch.setattr(core.fs, "_hash_content", no_hashing)
+    monkeypatch.setattr(core.fs.io, "hash_content", no_hashing)
     for _ in range(3):
         assert await core.sha256_xattr(p("f")) == expected
 

@@ -183,6 +183,20 @@ class BlockIO:
             return self._read_many(pieces)
         return await trio.to_thread.run_sync(self._read_many, pieces, limiter=self.limiter)
 
+    def hash_content(self, blocks: dict[int, bytes], size: int) -> bytes:
+        """Worker thread: the SHA-256 of a file of `size` bytes with block map `blocks`
+        (holes and short stored blocks read as zeros)."""
+        h = hashlib.sha256()
+        bs = self.block_size
+        for idx in range((size + bs - 1) // bs):
+            want = min(bs, size - idx * bs)
+            digest = blocks.get(idx)
+            chunk = self._get(digest)[:want] if digest is not None else b""
+            h.update(chunk)
+            if len(chunk) < want:
+                h.update(bytes(want - len(chunk)))
+        return h.digest()
+
     async def sync(self) -> None:
         await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
 

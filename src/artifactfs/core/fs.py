@@ -978,26 +978,13 @@ class FileSystem:
                     return row.sha256
                 blocks = self.index.block_map(ino)
                 digest = await trio.to_thread.run_sync(
-                    self._hash_content, blocks, row.size, limiter=self.io.limiter
+                    self.io.hash_content, blocks, row.size, limiter=self.io.limiter
                 )
                 with self.index.txn():
                     self.index.set_sha256(ino, digest)
                 return digest
         finally:
             self._release_data(data)
-
-    def _hash_content(self, blocks: dict[int, bytes], size: int) -> bytes:
-        h = hashlib.sha256()
-        bs = self.bs
-        for idx in range((size + bs - 1) // bs):
-            want = min(bs, size - idx * bs)
-            digest = blocks.get(idx)
-            chunk = self.io._get(digest) if digest is not None else b""
-            chunk = chunk[:want]
-            h.update(chunk)
-            if len(chunk) < want:
-                h.update(bytes(want - len(chunk)))
-        return h.digest()
 
     # ---- directories --------------------------------------------------------------------------
 

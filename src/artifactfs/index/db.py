@@ -85,6 +85,37 @@ class SandboxRow:
 
 
 @dataclass(slots=True)
+class CheckpointRow:
+    id: int
+    namespace_id: int
+    name: str
+    root: bytes
+    created_ns: int
+    creator: str
+    files: int
+    bytes: int
+    manifest_bytes: int
+
+
+@dataclass(slots=True)
+class DirState:
+    """A clean directory's manifest digest and subtree totals (see dir_manifests)."""
+
+    digest: bytes
+    files: int
+    bytes: int
+
+
+@dataclass(slots=True)
+class MountRow:
+    id: int
+    pid: int
+    mountpoint: str
+    started_ns: int
+    seen_seq: int
+
+
+@dataclass(slots=True)
 class EventRow:
     seq: int
     time_ns: int
@@ -95,6 +126,18 @@ class EventRow:
 
 def _inode(row: tuple[Any, ...]) -> InodeRow:
     return InodeRow(*row)
+
+
+_I_COLUMNS = ", ".join("i." + c.strip() for c in INODE_COLUMNS.split(","))
+CHECKPOINT_COLUMNS = (
+    "id, namespace_id, name, root, created_ns, creator, files, bytes, manifest_bytes"
+)
+
+
+def _checkpoint(row: tuple[Any, ...]) -> CheckpointRow:
+    r = list(row)
+    r[3] = bytes(r[3])
+    return CheckpointRow(*r)
 
 
 class Index:
@@ -199,6 +242,16 @@ class Index:
             raise
         self._depth = 0
         self._commit()
+
+    @contextmanager
+    def read_txn(self) -> Iterator[None]:
+        """A consistent read-only snapshot for the duration of the block (for a second
+        connection that builds a checkpoint while the daemon keeps writing)."""
+        self.conn.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            self.conn.execute("ROLLBACK")
 
     def flush(self) -> None:
         """Commit the group transaction, if one is open (a no-op without group commit)."""
@@ -343,6 +396,14 @@ class Index:
 
     def set_sha256(self, ino: int, sha256: bytes) -> None:
         self.conn.execute("UPDATE inodes SET sha256 = ? WHERE id = ?", (sha256, ino))
+
+    def set_sha256_if_unchanged(self, ino: int, sha256: bytes, size: int, mtime_ns: int) -> None:
+        """Keep a digest computed from a snapshot, unless the file changed since."""
+        self.conn.execute(
+            "UPDATE inodes SET sha256 = ? WHERE id = ? AND sha256 IS NULL AND size = ? "
+            "AND mtime_ns = ?",
+            (sha256, ino, size, mtime_ns),
+        )
 
     def block_stats(self, ino: int) -> tuple[int, int]:
         """(number of non-hole blocks of `ino`, highest block index or -1) for st_blocks."""
@@ -688,6 +749,231 @@ class Index:
         return [
             EventRow(r[0], r[1], r[2], r[3], cbor2.loads(r[4]))
             for r in self.conn.execute(sql, args)
+        ]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def insert_checkpoint(
+        self,
+        namespace_id: int,
+        name: str,
+        root: bytes,
+        created_ns: int,
+        creator: str,
+        files: int,
+        nbytes: int,
+        manifest_bytes: int,
+    ) -> CheckpointRow:
+        cur = self.conn.execute(
+            "INSERT INTO checkpoints (namespace_id, name, root, created_ns, creator, files, "
+            "bytes, manifest_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (namespace_id, name, root, created_ns, creator, files, nbytes, manifest_bytes),
+        )
+        assert cur.lastrowid is not None
+        return CheckpointRow(
+            cur.lastrowid, namespace_id, name, root, created_ns, creator, files, nbytes,
+            manifest_bytes,
+        )
+
+    def checkpoints_of(self, namespace_id: int) -> list[CheckpointRow]:
+        return [
+            _checkpoint(r)
+            for r in self.conn.execute(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE namespace_id = ? "
+                "ORDER BY created_ns, id",
+                (namespace_id,),
+            )
+        ]
+
+    def checkpoint_by_name(self, namespace_id: int, name: str) -> CheckpointRow | None:
+        row = self.conn.execute(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE namespace_id = ? AND name = ?",
+            (namespace_id, name),
+        ).fetchone()
+        return None if row is None else _checkpoint(row)
+
+    def delete_checkpoint(self, checkpoint_id: int) -> None:
+        self.conn.execute("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,))
+
+    def delete_checkpoints_of(self, namespace_id: int) -> int:
+        cur = self.conn.execute("DELETE FROM checkpoints WHERE namespace_id = ?", (namespace_id,))
+        return cur.rowcount
+
+    def checkpoint_roots(self) -> list[bytes]:
+        """Every checkpoint's root manifest digest (gc and fsck walk from these)."""
+        return [bytes(r[0]) for r in self.conn.execute("SELECT root FROM checkpoints")]
+
+    # ---- structural sharing: clean and dirty directories ------------------------------------
+
+    def dir_state(self, ino: int) -> DirState | None:
+        """The recorded manifest of `ino` if it is clean, else None."""
+        row = self.conn.execute(
+            "SELECT digest, files, bytes FROM dir_manifests m WHERE inode = ? "
+            "AND NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = m.inode)",
+            (ino,),
+        ).fetchone()
+        return None if row is None else DirState(bytes(row[0]), row[1], row[2])
+
+    def dirty_seq(self, ino: int) -> int | None:
+        row = self.conn.execute("SELECT seq FROM dirty_dirs WHERE inode = ?", (ino,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def max_dirty_seq(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(seq), 0) FROM dirty_dirs").fetchone()[0])
+
+    def child_dir_dirty_after(self, parent: int, seq: int) -> bool:
+        """Whether a directory in `parent` changed after dirty seq `seq`."""
+        row = self.conn.execute(
+            "SELECT 1 FROM dentries d JOIN dirty_dirs x ON x.inode = d.inode "
+            "WHERE d.parent = ? AND x.seq > ? LIMIT 1",
+            (parent, seq),
+        ).fetchone()
+        return row is not None
+
+    def set_clean(self, ino: int, digest: bytes, files: int, nbytes: int) -> None:
+        self.conn.execute("DELETE FROM dirty_dirs WHERE inode = ?", (ino,))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO dir_manifests (inode, digest, files, bytes) "
+            "SELECT id, ?, ?, ? FROM inodes WHERE id = ?",
+            (digest, files, nbytes, ino),
+        )
+
+    def unhashed_files(self, namespace_id: int) -> list[int]:
+        """Linked files of a namespace whose whole-content SHA-256 is not known yet."""
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM inodes WHERE namespace_id = ? AND sha256 IS NULL AND kind = 5 "
+                "AND nlink > 0",
+                (namespace_id,),
+            )
+        ]
+
+    # ---- whole directories at once (manifests, restore, diff) -------------------------------
+
+    def children(self, parent: int) -> list[tuple[bytes, InodeRow]]:
+        """Every (name, inode) in `parent`, unordered."""
+        rows = self.conn.execute(
+            f"SELECT d.name, {_I_COLUMNS} FROM dentries d JOIN inodes i ON i.id = d.inode "
+            "WHERE d.parent = ?",
+            (parent,),
+        ).fetchall()
+        return [(bytes(r[0]), _inode(r[1:])) for r in rows]
+
+    def children_blocks(self, parent: int) -> dict[int, list[tuple[int, bytes]]]:
+        """Block maps of the files in `parent`, keyed by inode, in block order."""
+        out: dict[int, list[tuple[int, bytes]]] = {}
+        for ino, idx, digest in self.conn.execute(
+            "SELECT b.inode, b.idx, b.digest FROM blocks b WHERE b.inode IN "
+            "(SELECT d.inode FROM dentries d WHERE d.parent = ?) ORDER BY b.inode, b.idx",
+            (parent,),
+        ):
+            out.setdefault(ino, []).append((idx, bytes(digest)))
+        return out
+
+    def children_xattrs(self, parent: int) -> dict[int, dict[bytes, bytes]]:
+        out: dict[int, dict[bytes, bytes]] = {}
+        for ino, name, value in self.conn.execute(
+            "SELECT x.inode, x.name, x.value FROM xattrs x WHERE x.inode IN "
+            "(SELECT d.inode FROM dentries d WHERE d.parent = ?)",
+            (parent,),
+        ):
+            out.setdefault(ino, {})[bytes(name)] = bytes(value)
+        return out
+
+    def children_symlinks(self, parent: int) -> dict[int, bytes]:
+        return {
+            ino: bytes(target)
+            for ino, target in self.conn.execute(
+                "SELECT s.inode, s.target FROM symlinks s JOIN dentries d ON d.inode = s.inode "
+                "WHERE d.parent = ?",
+                (parent,),
+            )
+        }
+
+    def xattrs_of(self, ino: int) -> dict[bytes, bytes]:
+        return {
+            bytes(n): bytes(v)
+            for n, v in self.conn.execute(
+                "SELECT name, value FROM xattrs WHERE inode = ?", (ino,)
+            )
+        }
+
+    def blocks_of(self, ino: int) -> list[tuple[int, bytes]]:
+        return [
+            (int(i), bytes(d))
+            for i, d in self.conn.execute(
+                "SELECT idx, digest FROM blocks WHERE inode = ? ORDER BY idx", (ino,)
+            )
+        ]
+
+    def write_inode_exact(self, row: InodeRow) -> None:
+        """Write every column of `row` as given, times and btime included (restore)."""
+        self.conn.execute(
+            "UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, rdev = ?, atime_ns = ?, "
+            "mtime_ns = ?, ctime_ns = ?, btime_ns = ?, sha256 = ?, stored = ? WHERE id = ?",
+            (
+                row.mode, row.uid, row.gid, row.size, row.rdev, row.atime_ns, row.mtime_ns,
+                row.ctime_ns, row.btime_ns, row.sha256, row.stored, row.id,
+            ),
+        )
+
+    def replace_xattrs(self, ino: int, xattrs: dict[bytes, bytes]) -> None:
+        current = self.xattrs_of(ino)
+        if current == xattrs:
+            return
+        self.conn.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+        self.conn.executemany(
+            "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
+            ((ino, n, v) for n, v in xattrs.items()),
+        )
+
+    # ---- the change feed and live mounts ------------------------------------------------------
+
+    def append_changes(self, changes: Iterable[tuple[int, int, bytes | None]]) -> int:
+        """Record (kind, ino, name) changes for other mounts; returns the last seq."""
+        now = time.time_ns()
+        self.conn.executemany(
+            "INSERT INTO changes (time_ns, kind, ino, name) VALUES (?, ?, ?, ?)",
+            ((now, k, i, n) for k, i, n in changes),
+        )
+        # Keep the feed short: a daemon that is minutes behind re-reads nothing it needs.
+        self.conn.execute("DELETE FROM changes WHERE time_ns < ?", (now - 600 * 10**9,))
+        return self.max_change_seq()
+
+    def max_change_seq(self) -> int:
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def changes_after(self, seq: int, limit: int = 10000) -> list[tuple[int, int, int, bytes | None]]:
+        return [
+            (s, k, i, None if n is None else bytes(n))
+            for s, k, i, n in self.conn.execute(
+                "SELECT seq, kind, ino, name FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+        ]
+
+    def register_mount(self, pid: int, mountpoint: str, seen_seq: int) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO mounts (pid, mountpoint, started_ns, seen_seq) VALUES (?, ?, ?, ?)",
+            (pid, mountpoint, time.time_ns(), seen_seq),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def set_mount_seen(self, mount_id: int, seq: int) -> None:
+        self.conn.execute("UPDATE mounts SET seen_seq = ? WHERE id = ?", (seq, mount_id))
+
+    def unregister_mount(self, mount_id: int) -> None:
+        self.conn.execute("DELETE FROM mounts WHERE id = ?", (mount_id,))
+
+    def mounts(self) -> list[MountRow]:
+        return [
+            MountRow(*r)
+            for r in self.conn.execute(
+                "SELECT id, pid, mountpoint, started_ns, seen_seq FROM mounts ORDER BY id"
+            )
         ]
 
     # ---- integrity (tests and fsck) -----------------------------------------------------------

@@ -17,7 +17,7 @@ Node kinds (`inodes.kind`):
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1, as created by the first migration. Later versions change it only through
 # migrations; this text stays the record of version 1.
@@ -148,6 +148,136 @@ CREATE TABLE events (
 CREATE INDEX events_by_type ON events(type, seq);
 """
 
+# Version 2: checkpoints, structural sharing, the change feed and live mounts.
+SCHEMA_V2 = """
+-- Checkpoints of a namespace: the digest of the root manifest plus a small record. Manifests
+-- are CBOR blobs in the blob store (core/manifest.py describes them); `files` and `bytes`
+-- count regular-file names and their logical bytes; `manifest_bytes` is what this checkpoint
+-- wrote (manifests it shared with earlier ones are not counted).
+CREATE TABLE checkpoints (
+    id             INTEGER PRIMARY KEY,
+    namespace_id   INTEGER NOT NULL REFERENCES namespaces(id),
+    name           TEXT NOT NULL,
+    root           BLOB NOT NULL,
+    created_ns     INTEGER NOT NULL,
+    creator        TEXT NOT NULL,
+    files          INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    manifest_bytes INTEGER NOT NULL,
+    UNIQUE (namespace_id, name)
+);
+
+-- Structural sharing. A workspace directory (kind 3 or 4) is *clean* when it has a row here
+-- and none in dirty_dirs: its manifest as of the last checkpoint is `digest`, and nothing
+-- below it changed since. `files`/`bytes` aggregate its subtree. Rows of dirty directories
+-- are stale and ignored.
+CREATE TABLE dir_manifests (
+    inode  INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    files  INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL
+);
+
+-- Directories changed since their manifest was last recorded. `seq` grows with every change
+-- to the directory itself (a checkpoint built from a snapshot keeps a directory dirty when
+-- its seq moved past the snapshot's). Invariant: a directory that is not clean has no clean
+-- ancestor, so a checkpoint finds every change by walking down from the root through dirty
+-- directories only. The triggers below keep it, whoever writes (daemon, CLI, migration).
+CREATE TABLE dirty_dirs (
+    seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+    inode INTEGER NOT NULL UNIQUE
+);
+
+-- INSERT INTO mark_dirty VALUES (ino) marks what a change to `ino` touches: ino itself when
+-- it is a workspace directory, else every directory holding a name of it (those get a fresh
+-- seq), then their ancestors up to the first one that already was not clean. The walk only
+-- tests the directory it is about to add, so it is right however SQLite orders the inserts.
+CREATE VIEW mark_dirty(inode) AS SELECT NULL WHERE 0;
+CREATE TRIGGER mark_dirty_do INSTEAD OF INSERT ON mark_dirty BEGIN
+    INSERT OR REPLACE INTO dirty_dirs (inode)
+        SELECT id FROM inodes WHERE id = NEW.inode AND kind IN (3, 4)
+        UNION
+        SELECT d.parent FROM dentries d JOIN inodes p ON p.id = d.parent
+        WHERE d.inode = NEW.inode AND p.kind IN (3, 4)
+          AND NOT EXISTS (SELECT 1 FROM inodes WHERE id = NEW.inode AND kind IN (3, 4));
+    INSERT OR IGNORE INTO dirty_dirs (inode)
+        WITH RECURSIVE up(i) AS (
+            SELECT id FROM inodes WHERE id = NEW.inode AND kind IN (3, 4)
+            UNION
+            SELECT d.parent FROM dentries d JOIN inodes p ON p.id = d.parent
+            WHERE d.inode = NEW.inode AND p.kind IN (3, 4)
+              AND NOT EXISTS (SELECT 1 FROM inodes WHERE id = NEW.inode AND kind IN (3, 4))
+            UNION
+            SELECT d.parent FROM up JOIN dentries d ON d.inode = up.i
+                JOIN inodes p ON p.id = d.parent
+            WHERE p.kind IN (3, 4)
+              AND EXISTS (SELECT 1 FROM dir_manifests m WHERE m.inode = d.parent)
+              AND NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = d.parent)
+        )
+        SELECT i FROM up;
+END;
+
+CREATE TRIGGER dirty_on_inode AFTER UPDATE ON inodes
+WHEN NEW.namespace_id IS NOT NULL AND (
+    OLD.mode IS NOT NEW.mode OR OLD.uid IS NOT NEW.uid OR OLD.gid IS NOT NEW.gid
+    OR OLD.nlink IS NOT NEW.nlink OR OLD.size IS NOT NEW.size OR OLD.rdev IS NOT NEW.rdev
+    OR OLD.atime_ns IS NOT NEW.atime_ns OR OLD.mtime_ns IS NOT NEW.mtime_ns
+    OR OLD.ctime_ns IS NOT NEW.ctime_ns OR OLD.btime_ns IS NOT NEW.btime_ns
+    -- NULL -> digest only records what the content already was: no change.
+    OR (OLD.sha256 IS NOT NEW.sha256 AND OLD.sha256 IS NOT NULL))
+BEGIN
+    INSERT INTO mark_dirty VALUES (NEW.id);
+END;
+CREATE TRIGGER dirty_on_dentry_insert AFTER INSERT ON dentries BEGIN
+    INSERT INTO mark_dirty VALUES (NEW.parent);
+END;
+CREATE TRIGGER dirty_on_dentry_delete AFTER DELETE ON dentries BEGIN
+    INSERT INTO mark_dirty VALUES (OLD.parent);
+END;
+CREATE TRIGGER dirty_on_dentry_update AFTER UPDATE ON dentries BEGIN
+    INSERT INTO mark_dirty VALUES (OLD.parent);
+    INSERT INTO mark_dirty VALUES (NEW.parent);
+END;
+CREATE TRIGGER dirty_on_xattr_insert AFTER INSERT ON xattrs BEGIN
+    INSERT INTO mark_dirty VALUES (NEW.inode);
+END;
+CREATE TRIGGER dirty_on_xattr_update AFTER UPDATE ON xattrs BEGIN
+    INSERT INTO mark_dirty VALUES (NEW.inode);
+END;
+CREATE TRIGGER dirty_on_xattr_delete AFTER DELETE ON xattrs BEGIN
+    INSERT INTO mark_dirty VALUES (OLD.inode);
+END;
+CREATE TRIGGER forget_dir_state AFTER DELETE ON inodes WHEN OLD.kind IN (3, 4) BEGIN
+    DELETE FROM dirty_dirs WHERE inode = OLD.id;
+    DELETE FROM dir_manifests WHERE inode = OLD.id;
+END;
+
+-- Files whose whole-content SHA-256 is not known yet: a checkpoint computes them first.
+CREATE INDEX inodes_unhashed ON inodes(namespace_id) WHERE sha256 IS NULL AND kind = 5;
+
+-- The change feed: what a process changed behind the back of other mounts of this store
+-- (a restore by the CLI, for now), so each daemon can drop the kernel's cached entries
+-- (kind 0: name `name` in directory `ino`) and attributes/pages (kind 1: inode `ino`).
+-- Rows are transient: writers prune those older than a few minutes.
+CREATE TABLE changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ns INTEGER NOT NULL,
+    kind    INTEGER NOT NULL,
+    ino     INTEGER NOT NULL,
+    name    BLOB
+);
+
+-- Running daemons of this store. `seen_seq` is the last change-feed row the daemon applied,
+-- so a writer can wait until every mount shows its change.
+CREATE TABLE mounts (
+    id         INTEGER PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    mountpoint TEXT NOT NULL,
+    started_ns INTEGER NOT NULL,
+    seen_seq   INTEGER NOT NULL
+);
+"""
+
 # Invariants (checked by tests after every core operation, and later by fsck):
 #  - inode 1 exists, kind ROOT; every other live inode (nlink > 0) has >= 1 dentry;
 #  - a FILE/SYMLINK/SPECIAL inode's nlink equals its number of dentries;
@@ -156,4 +286,5 @@ CREATE INDEX events_by_type ON events(type, seq);
 #  - inodes with nlink = 0 are open-unlinked files; they are deleted at the daemon's last
 #    forget/release, or at the next start after a crash;
 #  - every blocks.digest is in blobs, and every blob in `blobs` is in the backend or in
-#    pending_blobs.
+#    pending_blobs;
+#  - (v2) a workspace directory that is not clean has no clean ancestor (see dirty_dirs).
