@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from artifactfs.core.blockio import BlockIO
+from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.filedata import FileData
 from artifactfs.core.names import (
     NAME_MAX,
@@ -97,6 +98,7 @@ class FileSystem:
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
         self._stored_journal: list[bytes] = []  # stored by the mover, rows not yet deleted
+        self.checkpoints = Checkpoints(index, io)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class FileSystem:
         await self.io.drained()
         await self.retire_journal()
         self.index.flush()
+        self.checkpoints.close()
 
     async def make_durable(self) -> None:
         """Everything committed so far, blobs first, onto stable storage (fsyncdir)."""
