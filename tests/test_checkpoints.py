@@ -4,16 +4,20 @@ invariant kept by the index triggers, listing and deleting."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from coreutil import Core, open_core
 
 from artifactfs.core.checkpoints import Checkpoints
+from artifactfs.core.diff import diff, diff_counted
 from artifactfs.core.manifest import decode
+from artifactfs.core.nodes import AttrChanges
+from artifactfs.core.restore import restore
 from artifactfs.errors import Exists, InvalidName, NotFound
 from artifactfs.index.db import NamespaceRow
-from coreutil import Core, open_core
 
 WS = "acme/shared/ws"
 
@@ -133,8 +137,6 @@ async def test_every_change_dirties_its_path(core: Core, change: str) -> None:
     parent_path, name = target.rsplit("/", 1)
     parent = await core.resolve(parent_path)
     ino = await core.resolve(target)
-    from artifactfs.core.nodes import AttrChanges
-
     if change == "write":
         await core.write_file(target, b"new content")
     elif change == "chmod":
@@ -210,3 +212,203 @@ async def test_deep_tree_marks_every_ancestor(core: Core) -> None:
     for i in range(3, len(parts) + 1):
         assert dirty(core, await core.resolve("/".join(parts[:i])))
     assert os.path.basename(path) == f"n{depth - 1}"
+
+
+# ---- restore and diff ------------------------------------------------------------------------
+
+Model = dict[str, tuple[object, ...]]
+
+
+async def model(core: Core, top_path: str = WS) -> tuple[Model, set[frozenset[str]]]:
+    """Everything a checkpoint promises to keep, read through the core like a user would."""
+    fs = core.fs
+    top = await core.resolve(top_path)
+    tree: Model = {}
+    groups: dict[int, set[str]] = {}
+
+    async def xattrs_of(ino: int) -> dict[bytes, bytes]:
+        return {
+            n: await fs.getxattr(ino, n)
+            for n in await fs.listxattr(ino)
+            if not n.startswith(b"user.artifactfs.")
+        }
+
+    async def walk(ino: int, prefix: str) -> None:
+        a = await fs.getattr(ino)
+        tree[prefix or "."] = ("dir", a.mode, a.uid, a.gid, a.mtime_ns, await xattrs_of(ino))
+        for ent in await fs.readdir(ino, 0, 100000):
+            c = await fs.getattr(ent.attr.ino)
+            rel = f"{prefix}/{os.fsdecode(ent.name)}" if prefix else os.fsdecode(ent.name)
+            groups.setdefault(c.ino, set()).add(rel)
+            if stat.S_ISDIR(c.mode):
+                await walk(c.ino, rel)
+            elif stat.S_ISLNK(c.mode):
+                tree[rel] = ("link", c.mode, c.uid, c.gid, c.mtime_ns, await fs.readlink(c.ino))
+            elif stat.S_ISREG(c.mode):
+                fh = await fs.open(c.ino, os.O_RDONLY, core.caller)
+                try:
+                    content = await core.read_fh(fh)
+                finally:
+                    await fs.release(fh)
+                tree[rel] = (
+                    "file", c.mode, c.uid, c.gid, c.mtime_ns, c.size, content,
+                    await xattrs_of(c.ino), c.nlink,
+                )
+            else:
+                tree[rel] = ("special", c.mode, c.rdev, c.mtime_ns)
+
+    await walk(top, "")
+    return tree, {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+def reference_diff(a: Model, b: Model) -> list[tuple[str, str]]:
+    """The diff rules of core/diff.py, computed from two walked trees."""
+    out = []
+    for path in sorted(set(a) | set(b)):
+        x, y = a.get(path), b.get(path)
+        if x is None:
+            out.append((path, "added"))
+        elif y is None:
+            out.append((path, "removed"))
+        elif x[0] != y[0]:
+            out.append((path, "type-changed"))
+        elif x[0] == "dir":
+            if (x[1], x[2], x[3], x[5]) != (y[1], y[2], y[3], y[5]):
+                out.append((path, "modified"))
+        elif x[0] == "file":
+            if x[:8] != y[:8]:
+                out.append((path, "modified"))
+        elif x != y:
+            out.append((path, "modified"))
+    return out
+
+
+async def rich_tree(core: Core) -> None:
+    fs, caller = core.fs, core.caller
+    await core.makedirs(f"{WS}/src/pkg")
+    await core.makedirs(f"{WS}/docs")
+    await core.write_file(f"{WS}/src/main.py", b"print('hi')\n")
+    await core.write_file(f"{WS}/src/pkg/big.bin", os.urandom(3 * core.bs + 11))
+    await core.write_file(f"{WS}/sparse", b"end", offset=5 * core.bs)
+    await core.write_file(f"{WS}/docs/readme", b"read me")
+    src = await core.resolve(f"{WS}/src")
+    await fs.symlink(src, b"link", b"pkg/big.bin", caller)
+    docs = await core.resolve(f"{WS}/docs")
+    main = await core.resolve(f"{WS}/src/main.py")
+    await fs.link(main, docs, b"main-hardlink", caller)
+    await fs.setxattr(main, b"user.mime_type", b"text/x-python", caller)
+    await fs.setxattr(docs, b"user.summary", b"docs", caller)
+    await fs.setattr(await core.resolve(f"{WS}/docs/readme"), AttrChanges(mode=0o600), caller)
+    await fs.mknod(docs, b"fifo", 0o10644, 0, caller)
+
+
+async def mutate(core: Core) -> None:
+    fs, caller = core.fs, core.caller
+    await core.write_file(f"{WS}/src/main.py", b"changed", offset=3)
+    src = await core.resolve(f"{WS}/src")
+    pkg = await core.resolve(f"{WS}/src/pkg")
+    await fs.unlink(pkg, b"big.bin", caller)
+    await fs.rename(src, b"link", src, b"renamed-link", 0, caller)
+    docs = await core.resolve(f"{WS}/docs")
+    await fs.unlink(docs, b"main-hardlink", caller)
+    await fs.removexattr(docs, b"user.summary", caller)
+    await fs.setattr(docs, AttrChanges(mode=0o700), caller)
+    await core.makedirs(f"{WS}/new/deeper")
+    await core.write_file(f"{WS}/new/deeper/file", b"new")
+    ws = await core.resolve(WS)
+    await fs.unlink(docs, b"fifo", caller)
+    await fs.rename(ws, b"sparse", docs, b"sparse-moved", 0, caller)
+
+
+async def test_restore_round_trip(core: Core) -> None:
+
+    await rich_tree(core)
+    before = await model(core)
+    cp, ns = ckpts(core), await namespace(core)
+    row = await cp.create(ns, "base", "tester")
+    await mutate(core)
+    after = await model(core)
+    changes = await diff(cp, ns, row.root, None)
+    assert [(c.path, c.kind) for c in changes] == reference_diff(before[0], after[0])
+    result = await restore(cp, ns, row.root, actor="tester", name="base")
+    assert result.changed > 0
+    assert await model(core) == before
+    assert await diff(cp, ns, row.root, None) == []
+    # A second restore has nothing to do.
+    assert (await restore(cp, ns, row.root, actor="tester")).changed == 0
+    types = [e.type for e in core.store.index.events(type_prefix="checkpoint.")]
+    assert types.count("checkpoint.restore") == 2
+
+
+async def test_restore_without_hard_links_is_exact(core: Core) -> None:
+
+    files = await deep_tree(core, depth=3, width=3)
+    cp, ns = ckpts(core), await namespace(core)
+    row = await cp.create(ns, "base", "tester")
+    for f in files[::2]:
+        await core.write_file(f, b"mutated")
+    await core.makedirs(f"{WS}/extra/dir")
+    await restore(cp, ns, row.root, actor="tester")
+    # Times included: the restored tree encodes to the very same digest, and is clean.
+    assert not dirty(core, ns.root_inode)
+    assert (await cp.build(ns.root_inode, store_new=False)).root == row.root
+    assert await fresh_root(cp, ns) == row.root
+
+
+async def test_restore_after_few_changes_touches_only_them(core: Core) -> None:
+
+    files = await deep_tree(core, depth=5, width=6)
+    cp, ns = ckpts(core), await namespace(core)
+    row = await cp.create(ns, "base", "tester")
+    await core.write_file(files[-1], b"one change")
+    changes, read = await diff_counted(cp, ns, row.root, None)
+    assert [c.kind for c in changes] == ["modified"]
+    assert read <= 2 * 6 + 2  # the changed path on both sides, not the 31 directories
+    result = await restore(cp, ns, row.root, actor="tester")
+    assert result.changed == 1
+    assert await core.read_file(files[-1]) == b"5-2"
+    assert (await cp.build(ns.root_inode, store_new=False)).root == row.root
+
+
+async def test_open_file_keeps_old_content_across_restore(core: Core) -> None:
+
+    await core.write_file(f"{WS}/f", b"old content")
+    cp, ns = ckpts(core), await namespace(core)
+    row = await cp.create(ns, "base", "tester")
+    await core.write_file(f"{WS}/f", b"NEW CONTENT")
+    fh = await core.open(f"{WS}/f")
+    try:
+        await restore(cp, ns, row.root, actor="tester")
+        assert await core.read_fh(fh) == b"NEW CONTENT"
+    finally:
+        await core.fs.release(fh)
+    assert await core.read_file(f"{WS}/f") == b"old content"
+
+
+async def test_restore_blob_namespace(core: Core) -> None:
+
+    path = "acme/shared/blob.bin"
+    await core.write_file(path, b"version one")
+    cp = ckpts(core)
+    ns = await namespace(core, path)
+    row = await cp.create(ns, "v1", "tester")
+    await core.write_file(path, b"version two, longer")
+    await restore(cp, ns, row.root, actor="tester")
+    assert await core.read_file(path) == b"version one"
+    again = await namespace(core, path)
+    assert again.id == ns.id
+    assert [r.name for r in cp.list(ns.id)] == ["v1"]
+
+
+async def test_restore_into_empty_namespace(core: Core) -> None:
+
+    await rich_tree(core)
+    cp, ns = ckpts(core), await namespace(core)
+    row = await cp.create(ns, "base", "tester")
+    before = await model(core)
+    await core.makedirs("acme/shared/copy")
+    other = await namespace(core, "acme/shared/copy")
+    await restore(cp, other, row.root, actor="tester")
+    after = await model(core, "acme/shared/copy")
+    assert after[0] == before[0]
+    assert after[1] == before[1]

@@ -92,7 +92,7 @@ class BuiltDir:
     ino: int
     digest: bytes
     files: int
-    bytes: int
+    nbytes: int
     child_dirs: list[int]
 
 
@@ -102,7 +102,7 @@ class Built:
 
     root: bytes
     files: int
-    bytes: int
+    nbytes: int
     seq: int  # the highest dirty seq in the snapshot
     dirs: list[BuiltDir] = field(default_factory=list)  # children before parents
     new: dict[bytes, bytes] = field(default_factory=dict)  # manifests not stored before
@@ -142,13 +142,13 @@ class TreeBuilder:
 
     def build(self, root: InodeRow) -> Built:
         """Encode the namespace whose root is `root`, reusing clean directories."""
-        out = Built(root=b"", files=0, bytes=0, seq=self.snap.max_dirty_seq())
+        out = Built(root=b"", files=0, nbytes=0, seq=self.snap.max_dirty_seq())
         if NodeKind(root.kind) is NodeKind.FILE:
             entry = self._file_entry(
                 root, self.snap.xattrs_of(root.id), self.snap.blocks_of(root.id), out
             )
             out.root = self._emit(Manifest("blob", entry), out)
-            out.files, out.bytes = 1, root.size
+            out.files, out.nbytes = 1, root.size
         else:
             self._build_tree(root, out)
         if self.store_new:
@@ -200,7 +200,7 @@ class TreeBuilder:
             digest = self._emit(Manifest("dir", self_entry, entries), out)
             known[row.id] = (digest, files, nbytes)
             out.dirs.append(BuiltDir(row.id, digest, files, nbytes, child_dirs))
-        out.root, out.files, out.bytes = known[root.id]
+        out.root, out.files, out.nbytes = known[root.id]
 
 
 class Checkpoints:
@@ -307,10 +307,10 @@ class Checkpoints:
                 ):
                     kept.add(d.ino)
                     continue
-                self.index.set_clean(d.ino, d.digest, d.files, d.bytes)
+                self.index.set_clean(d.ino, d.digest, d.files, d.nbytes)
             meta_bytes = sum(len(b) for b in built.new.values())
             row = self.index.insert_checkpoint(
-                ns.id, name, built.root, now, creator, built.files, built.bytes, meta_bytes
+                ns.id, name, built.root, now, creator, built.files, built.nbytes, meta_bytes
             )
             self.index.append_event(
                 "checkpoint.create",
@@ -320,7 +320,7 @@ class Checkpoints:
                     "root": built.root.hex(),
                     "creator": creator,
                     "files": built.files,
-                    "bytes": built.bytes,
+                    "bytes": built.nbytes,
                     "manifests_written": len(built.new),
                     "manifest_bytes": meta_bytes,
                 },
