@@ -606,6 +606,13 @@ class Index:
         ).fetchone()
         return None if row is None else NamespaceRow(*row)
 
+    def set_namespace_root(self, namespace_id: int, ino: int) -> None:
+        """Point a namespace at a new root inode (a restored blob)."""
+        self.conn.execute(
+            "UPDATE namespaces SET root_inode = ? WHERE id = ?", (ino, namespace_id)
+        )
+        self.conn.execute("UPDATE inodes SET namespace_id = ? WHERE id = ?", (namespace_id, ino))
+
     def rename_namespace(self, namespace_id: int, name: str) -> None:
         self.conn.execute("UPDATE namespaces SET name = ? WHERE id = ?", (name, namespace_id))
 
@@ -945,7 +952,9 @@ class Index:
         row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return 0 if row is None else int(row[0])
 
-    def changes_after(self, seq: int, limit: int = 10000) -> list[tuple[int, int, int, bytes | None]]:
+    def changes_after(
+        self, seq: int, limit: int = 10000
+    ) -> list[tuple[int, int, int, bytes | None]]:
         return [
             (s, k, i, None if n is None else bytes(n))
             for s, k, i, n in self.conn.execute(
@@ -1007,3 +1016,14 @@ class Index:
                 "WHERE o.digest IS NULL"
             )
         ]
+
+    # ---- grid lookups (CLI) ----
+    # Finding a namespace by what users type: its public id (xattr user.artifactfs.namespace).
+
+    def namespace_by_public_id(self, public_id: str) -> NamespaceRow | None:
+        row = self.conn.execute(
+            "SELECT id, public_id, scope_id, kind, owner, name, root_inode, created_ns "
+            "FROM namespaces WHERE public_id = ?",
+            (public_id,),
+        ).fetchone()
+        return None if row is None else NamespaceRow(*row)
