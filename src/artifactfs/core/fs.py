@@ -256,6 +256,11 @@ class FileSystem:
         for ino in doomed:
             self._reap(ino)
 
+    def reap_orphan(self, ino: int) -> None:
+        """Another process left `ino` without names (a restore): delete it unless this
+        mount still uses it; a later forget or release reaps it otherwise."""
+        self._reap(ino)
+
     def _reap(self, ino: int) -> None:
         """Delete an inode that has no names, no kernel references and no open handles."""
         if ino in self.lookups or ino in self.files or ino == ROOT_INODE:

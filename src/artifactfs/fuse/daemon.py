@@ -18,6 +18,7 @@ import trio
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.fuse.adapter import FuseOperations
+from artifactfs.fuse.changes import follow_changes
 from artifactfs.index.db import GROUP_COMMIT_INTERVAL
 from artifactfs.store import Store
 
@@ -67,17 +68,21 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
         )
         mnt = str(settings.mountpoint)
         pyfuse3.init(ops, mnt, fuse_options(settings))
+        mount_id: int | None = None
         try:
             with store.index.txn():
                 store.index.append_event(
                     "mount.start", {"mountpoint": mnt, "pid": os.getpid(), "view": "admin"}
                 )
+                seen = store.index.max_change_seq()
+                mount_id = store.index.register_mount(os.getpid(), mnt, seen)
             async with trio.open_nursery() as nursery:
                 fs.start(nursery)
                 store.index.defer_checkpoints()
                 store.index.group_commit = True
                 nursery.start_soon(_checkpointer, store, fs)
                 nursery.start_soon(_group_committer, store)
+                nursery.start_soon(follow_changes, store.index, fs, mount_id, seen)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, store, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
@@ -86,6 +91,8 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
         finally:
             pyfuse3.close(unmount=True)
             with store.index.txn():
+                if mount_id is not None:
+                    store.index.unregister_mount(mount_id)
                 store.index.append_event("mount.stop", {"mountpoint": mnt, "pid": os.getpid()})
             log.info("unmounted %s", mnt)
     finally:
