@@ -68,7 +68,8 @@ def tree(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
 
 @pytest.fixture
 def ws(mnt: mountutil.Mount) -> Path:
-    return mountutil.workspace(mnt.mountpoint, "t", "shared", "ws")
+    path: Path = mountutil.workspace(mnt.mountpoint, "t", "shared", "ws")
+    return path
 
 
 def test_restore_shows_at_once_through_the_mount(mnt: mountutil.Mount, ws: Path) -> None:
