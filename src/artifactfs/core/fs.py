@@ -34,6 +34,7 @@ from artifactfs.core.names import (
 )
 from artifactfs.core.nodes import ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
 from artifactfs.core.policy import ADMIN, Decision, Op, Place, View, decide
+from artifactfs.core.snapview import SnapView, VKind, decode_name, is_virtual
 from artifactfs.errors import (
     AccessDenied,
     BadHandle,
@@ -54,7 +55,7 @@ from artifactfs.errors import (
     OutOfRange,
     ReadOnly,
 )
-from artifactfs.index.db import Index, InodeRow
+from artifactfs.index.db import Index, InodeRow, NamespaceRow
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class FileSystem:
         self._nursery: trio.Nursery | None = None
         self._stored_journal: list[bytes] = []  # stored by the mover, rows not yet deleted
         self.checkpoints = Checkpoints(index, io)
+        # `.snapshots`: virtual inodes, counted in `lookups` like real ones.
+        self.snap = SnapView(index, io, self.checkpoints, self.lookups)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -265,6 +268,9 @@ class FileSystem:
         """Delete an inode that has no names, no kernel references and no open handles."""
         if ino in self.lookups or ino in self.files or ino == ROOT_INODE:
             return
+        if is_virtual(ino):
+            self.snap.reap(ino)
+            return
         row = self.index.get_inode(ino)
         if row is not None and row.nlink == 0:
             with self.index.txn():
@@ -273,13 +279,25 @@ class FileSystem:
     # ---- lookup and attributes ----------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes, caller: Caller) -> Attr:
-        attr = self._lookup(parent, name)
+        if is_virtual(parent) and name not in (b".", b".."):
+            if len(name) > NAME_MAX:
+                raise NameTooLong(f"name of {len(name)} bytes is longer than {NAME_MAX}")
+            self._snap_visible(parent)
+            attr = await self.snap.lookup(parent, name)
+        else:
+            attr = self._lookup(parent, name)
+        # No checkpoint between the lookup and this: see snapview (interning).
         self.remember(attr.ino)
         return attr
 
     def _lookup(self, parent: int, name: bytes) -> Attr:
         if len(name) > NAME_MAX:
             raise NameTooLong(f"name of {len(name)} bytes is longer than {NAME_MAX}")
+        if is_virtual(parent):
+            if name == b".":
+                return self.snap.attr(parent)
+            pino, virtual = self.snap.parent_of(parent)
+            return self.snap.attr(pino) if virtual else self._attr(self._row(pino))
         if name == b".":
             return self._attr(self._row(parent))
         if name == b"..":
@@ -290,15 +308,22 @@ class FileSystem:
             prow = self._row(parent)
             if not NodeKind(prow.kind).is_dir:
                 raise NotADirectory()
+            if self._is_snapshots(prow, name):
+                if not self._visible(prow):
+                    raise NotFound()
+                return self.snap.snapshots_dir(prow)
             raise NotFound()
         if NodeKind(row.kind) in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
             raise NotFound()
         return self._attr(row)
 
     async def getattr(self, ino: int) -> Attr:
+        if is_virtual(ino):
+            return self.snap.attr(ino)
         return self._attr(self._row(ino))
 
     async def setattr(self, ino: int, ch: AttrChanges, caller: Caller) -> Attr:
+        self._refuse_virtual(ino)
         row = self._row(ino)
         kind = NodeKind(row.kind)
         self._require(Op.WRITE, row)
@@ -343,10 +368,62 @@ class FileSystem:
         return self._attr(row)
 
     async def readlink(self, ino: int) -> bytes:
+        if is_virtual(ino):
+            return self.snap.readlink(ino)
         target = self.index.get_symlink(ino)
         if target is None:
             raise InvalidArgument("not a symbolic link")
         return target
+
+    # ---- .snapshots ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_snapshots(prow: InodeRow, name: bytes) -> bool:
+        """Whether `name` in `prow` is a virtual `.snapshots` (workspace roots and scopes)."""
+        return name == SNAPSHOTS_NAME and NodeKind(prow.kind) in (NodeKind.NSROOT, NodeKind.SCOPE)
+
+    def volatile(self, ino: int) -> bool:
+        """Whether the kernel should not cache this node's entry and attributes: a virtual
+        node standing for checkpoints another process may take or delete at any time."""
+        return is_virtual(ino) and self.snap.volatile(ino)
+
+    def _snap_visible(self, ino: int) -> None:
+        """A virtual node is visible when the namespace (or scope) it belongs to is."""
+        if not self.view.is_admin and not self._visible(self.snap.anchor_row(ino)):
+            raise NotFound()
+
+    def _refuse_virtual(self, *inos: int) -> None:
+        for ino in inos:
+            if is_virtual(ino):
+                raise ReadOnly("checkpoints under .snapshots are read-only")
+
+    def _snap_namespace(self, parent: int, want: VKind) -> NamespaceRow:
+        """The namespace whose checkpoints `parent` (a virtual directory of kind `want`)
+        lists, after the policy allowed changing it; EROFS for any other virtual directory."""
+        if self.snap.kind(parent) is not want:
+            raise ReadOnly("checkpoints under .snapshots are read-only")
+        row = self.snap.anchor_row(parent)
+        self._require(Op.WRITE, row)
+        ns = self.index.namespace_by_id(row.namespace_id) if row.namespace_id else None
+        if ns is None:
+            raise NotFound("the namespace no longer exists")
+        return ns
+
+    async def _take_checkpoint(self, parent: int, name: bytes, want: VKind, caller: Caller) -> Attr:
+        """`mkdir <ns>/.snapshots/NAME` (want SNAPSHOTS) or a create in
+        `<scope>/.snapshots/<blob>/` (want BLOB): take a checkpoint named NAME."""
+        ns = self._snap_namespace(parent, want)
+        ck = await self.checkpoints.create(ns, decode_name(name), creator=f"uid:{caller.uid}")
+        m = await self.snap.manifest_of(ck)
+        attr = self.snap.added(parent, ck, m)
+        self.remember(attr.ino)
+        return attr
+
+    async def _delete_checkpoint(
+        self, parent: int, name: bytes, want: VKind, caller: Caller
+    ) -> None:
+        ns = self._snap_namespace(parent, want)
+        await self.checkpoints.delete(ns, decode_name(name), actor=f"uid:{caller.uid}")
 
     # ---- creating -----------------------------------------------------------------------------
 
@@ -401,6 +478,8 @@ class FileSystem:
         return row
 
     async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        if is_virtual(parent):
+            return await self._take_checkpoint(parent, name, VKind.SNAPSHOTS, caller)
         prow = self._dir_row(parent)
         kind = NodeKind(prow.kind)
         now = _now()
@@ -425,6 +504,11 @@ class FileSystem:
     def _check_inner_name(self, parent: InodeRow, name: bytes) -> None:
         check_name(name)
         if name == SNAPSHOTS_NAME and NodeKind(parent.kind) is NodeKind.NSROOT:
+            log.warning(
+                "refused to create .snapshots at the top of workspace inode %d: the name is "
+                "reserved for its checkpoints (EINVAL)",
+                parent.id,
+            )
             raise InvalidName(".snapshots is reserved at the top of a workspace")
 
     def _create_sandbox(
@@ -495,6 +579,7 @@ class FileSystem:
         return row
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        self._refuse_virtual(parent)
         if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
             row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
         else:
@@ -548,12 +633,18 @@ class FileSystem:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Attr]:
+        if is_virtual(parent):
+            # `: > <scope>/.snapshots/<blob>/NAME` takes a checkpoint of the blob; the handle
+            # is read-only whatever `flags` asked for.
+            attr = await self._take_checkpoint(parent, name, VKind.BLOB, caller)
+            return self._open_virtual(attr.ino, os.O_RDONLY), attr
         row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
         self.remember(row.id)
         fh = self._open_handle(row, flags)
         return fh, self._attr(row)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        self._refuse_virtual(parent)
         prow = self._dir_row(parent)
         if NodeKind(prow.kind).is_grid:
             raise NotPermitted("symbolic links cannot be grid namespaces")
@@ -583,6 +674,7 @@ class FileSystem:
         return self._attr(row)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes, caller: Caller) -> Attr:
+        self._refuse_virtual(ino, new_parent)
         row = self._row(ino)
         prow = self._dir_row(new_parent)
         kind = NodeKind(row.kind)
@@ -609,9 +701,15 @@ class FileSystem:
     # ---- removing -----------------------------------------------------------------------------
 
     async def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
+        if is_virtual(parent):
+            # `rm <scope>/.snapshots/<blob>/NAME` deletes that checkpoint of the blob.
+            await self._delete_checkpoint(parent, name, VKind.BLOB, caller)
+            return
         prow = self._dir_row(parent)
         row = self.index.lookup_child_inode(parent, name)
         if row is None:
+            if self._is_snapshots(prow, name):
+                raise ReadOnly(".snapshots cannot be removed")
             raise NotFound()
         kind = NodeKind(row.kind)
         if kind.is_dir:
@@ -637,9 +735,15 @@ class FileSystem:
         self.index.touch_inode(prow.id, mtime_ns=now, ctime_ns=now)
 
     async def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
+        if is_virtual(parent):
+            # `rmdir <ns>/.snapshots/NAME` deletes that checkpoint.
+            await self._delete_checkpoint(parent, name, VKind.SNAPSHOTS, caller)
+            return
         prow = self._dir_row(parent)
         row = self.index.lookup_child_inode(parent, name)
         if row is None:
+            if self._is_snapshots(prow, name):
+                raise ReadOnly(".snapshots cannot be removed")
             raise NotFound()
         if name == b".":
             raise InvalidArgument()
@@ -711,10 +815,13 @@ class FileSystem:
         flags: int,
         caller: Caller,
     ) -> None:
+        self._refuse_virtual(old_parent, new_parent)
         op = self._dir_row(old_parent)
         np = self._dir_row(new_parent)
         src = self.index.lookup_child_inode(old_parent, old_name)
         if src is None:
+            if self._is_snapshots(op, old_name):
+                raise ReadOnly(".snapshots cannot be renamed")
             raise NotFound()
         okind, nkind = NodeKind(op.kind), NodeKind(np.kind)
         if okind.is_grid or nkind.is_grid:
@@ -894,7 +1001,17 @@ class FileSystem:
             raise BadHandle()
         return h
 
+    def _open_virtual(self, ino: int, flags: int) -> int:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        self.snap.open(ino, writing)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, flags, None)
+        return fh
+
     async def open(self, ino: int, flags: int, caller: Caller) -> int:
+        if is_virtual(ino):
+            return self._open_virtual(ino, flags)
         row = self._row(ino)
         kind = NodeKind(row.kind)
         if kind.is_dir:
@@ -913,12 +1030,16 @@ class FileSystem:
         return fh
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = self._handle(fh).data
+        h = self._handle(fh)
+        if is_virtual(h.ino):
+            return await self.snap.read(h.ino, off, size)
+        data = h.data
         assert data is not None
         return await data.read(off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
+        self._refuse_virtual(h.ino)
         data = h.data
         assert data is not None
         if h.flags & os.O_ACCMODE == os.O_RDONLY:
@@ -944,6 +1065,9 @@ class FileSystem:
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
+        if h is not None and is_virtual(h.ino):
+            self.snap.close(h.ino)
+            return
         if h is None or h.data is None:
             return
         data = h.data
@@ -997,6 +1121,11 @@ class FileSystem:
     # ---- directories --------------------------------------------------------------------------
 
     async def opendir(self, ino: int, caller: Caller) -> int:
+        if is_virtual(ino):
+            if not self.snap.node(ino).is_dir:
+                raise NotADirectory()
+            self._snap_visible(ino)
+            return ino
         row = self._row(ino)
         if not NodeKind(row.kind).is_dir:
             raise NotADirectory()
@@ -1007,6 +1136,12 @@ class FileSystem:
         return self._lookup(ino, b"."), self._lookup(ino, b"..")
 
     async def readdir(self, ino: int, after: int, limit: int = 256) -> list[DirEntry]:
+        if is_virtual(ino):
+            # Interned after the last await: the adapter remembers them before anyone sweeps.
+            return [
+                DirEntry(e.name, e.attr, e.next_offset)
+                for e in await self.snap.readdir(ino, after, limit)
+            ]
         out: list[DirEntry] = []
         grid = NodeKind(self._row(ino).kind) in (NodeKind.ROOT, NodeKind.SANDBOX)
         while len(out) < limit:
@@ -1043,6 +1178,13 @@ class FileSystem:
     # ---- extended attributes ------------------------------------------------------------------
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if is_virtual(ino):
+            if name == XATTR_SHA256:
+                digest = self.snap.sha256(ino)
+                if digest is None:
+                    raise NoData()
+                return digest.hex().encode()
+            return self.snap.xattr(ino, name)
         if not name.startswith(b"user.artifactfs."):
             # The hot path: the kernel asks for security.capability before every write.
             value = self.index.get_xattr(ino, name)
@@ -1065,6 +1207,11 @@ class FileSystem:
         return value
 
     async def listxattr(self, ino: int) -> list[bytes]:
+        if is_virtual(ino):
+            names = self.snap.xattr_names(ino)
+            if self.snap.sha256(ino) is not None:
+                names.append(XATTR_SHA256)
+            return names
         row = self._row(ino)
         names = self.index.list_xattrs(ino)
         if NodeKind(row.kind) is NodeKind.FILE:
@@ -1074,6 +1221,7 @@ class FileSystem:
         return names
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        self._refuse_virtual(ino)
         row = self._row(ino)
         if name in READONLY_XATTRS:
             raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")
@@ -1094,6 +1242,7 @@ class FileSystem:
             data.ctime_ns = now
 
     async def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        self._refuse_virtual(ino)
         row = self._row(ino)
         if name in READONLY_XATTRS:
             raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")

@@ -18,6 +18,7 @@ import pyfuse3
 
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import Attr, AttrChanges, Caller
+from artifactfs.core.snapview import is_virtual
 from artifactfs.errors import FsError, NotFound
 from artifactfs.fuse.errno_map import errno_for
 
@@ -75,8 +76,13 @@ class FuseOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if self.fs.volatile(a.ino):
+            # A checkpoint (or a listing of them) that another process may take or delete:
+            # the kernel asks again each time instead of caching the name or the attributes.
+            e.entry_timeout = e.attr_timeout = 0
+        else:
+            e.entry_timeout = self.entry_timeout
+            e.attr_timeout = self.attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -100,6 +106,10 @@ class FuseOperations(pyfuse3.Operations):
         try:
             return self._entry(await self.fs.lookup(parent_inode, name, _caller(ctx)))
         except NotFound:
+            if is_virtual(parent_inode):
+                # No negative entry under .snapshots: a checkpoint taken by another process
+                # (the CLI) must appear at once.
+                raise
             # A negative entry (inode 0) lets the kernel cache "does not exist" for the entry
             # timeout; it drops it itself when a create or mkdir goes through this mount.
             # Python imports and shells probe many missing names.
