@@ -1,0 +1,423 @@
+"""`artifactfs checkpoint`: create, list, diff, restore, delete, verify, export and import
+checkpoints of a namespace, on a store directly (no mount needed; running mounts of the store
+see a restore at once through the change feed).
+
+A namespace is named by its grid path (`acme/user-alice/proj`) or by its id (the value of the
+`user.artifactfs.namespace` xattr). Every failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import trio
+import typer
+
+from artifactfs.cli.common import StoreOption, resolve_store
+from artifactfs.core.blockio import BlockIO
+from artifactfs.core.checkpoints import Checkpoints
+from artifactfs.core.diff import diff as diff_trees
+from artifactfs.core.fs import FileSystem
+from artifactfs.core.grid import find_namespace, grid_path_of, parse_grid_path
+from artifactfs.core.nodes import Caller
+from artifactfs.core.portable import export_checkpoint, import_checkpoint
+from artifactfs.core.restore import restore as restore_tree
+from artifactfs.core.verify import verify_tree
+from artifactfs.errors import ArtifactFsError, Exists, InvalidName, NotFound, StoreMissing
+from artifactfs.index.db import CheckpointRow, NamespaceRow
+from artifactfs.store import Store, is_store
+
+app = typer.Typer(
+    name="checkpoint",
+    help="Take, list, compare, restore, verify, export and import checkpoints of a namespace.",
+    no_args_is_help=True,
+)
+
+T = TypeVar("T")
+
+NsArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="NS",
+        help="The namespace: grid path SANDBOX/SCOPE/NAME (acme/user-alice/proj) or its id.",
+        show_default=False,
+    ),
+]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The checkpoint's name.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for programs.")]
+
+KIND_LETTER = {"added": "A", "removed": "D", "modified": "M", "type-changed": "T"}
+
+
+class NotConfirmed(ArtifactFsError):
+    """Not confirmed: nothing was changed."""
+
+
+class VerifyFailed(ArtifactFsError):
+    """The checkpoint failed verification."""
+
+    exit_code = 4
+
+
+# ---- shared plumbing ---------------------------------------------------------------------------
+
+
+class Session:
+    """An open store with the core objects a checkpoint command needs (no daemon, no nursery:
+    FileSystem.start would reclaim unlinked inodes a running mount may still hold open)."""
+
+    def __init__(self, store: Path | None) -> None:
+        path = resolve_store(store)
+        if not is_store(path):
+            raise StoreMissing(
+                f"no artifactfs store at {path}: pass --store, or run `artifactfs init {path}`"
+            )
+        self.store = Store(path)
+        self.io = BlockIO(self.store.backend, block_size=self.store.config.block_size)
+        # Small blocks a mount has committed but not stored yet are read from its journal.
+        for digest, data in self.store.index.pending_blobs():
+            self.io.pending[digest] = data
+        self.fs = FileSystem(self.store.index, self.io)
+        self.cp: Checkpoints = self.fs.checkpoints
+        self.caller = Caller(uid=os.getuid(), gid=os.getgid())
+
+    def namespace(self, ref: str) -> tuple[NamespaceRow, str]:
+        ns = find_namespace(self.store.index, ref)
+        return ns, grid_path_of(self.store.index, ns)
+
+    def checkpoint(self, ns: NamespaceRow, where: str, name: str) -> CheckpointRow:
+        try:
+            return self.cp.get(ns.id, name)
+        except NotFound:
+            raise NotFound(
+                f"no checkpoint {name!r} in {where}: see `artifactfs checkpoint list {where}`"
+            ) from None
+
+    def close(self) -> None:
+        self.fs.forget(list(self.fs.lookups.items()))
+        self.cp.close()
+        self.store.close()
+
+
+def run(store: Path | None, fn: Callable[[Session], Awaitable[T]]) -> T:
+    session = Session(store)
+    try:
+        return trio.run(fn, session)
+    finally:
+        session.close()
+
+
+def actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid {os.getuid()}"
+
+
+def when(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A transient progress bar on stderr when it is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=max(total, 1))
+        yield lambda n: bar.advance(task, n)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+@app.command()
+def create(ns: NsArg, name: NameArg, store: StoreOption = None) -> None:
+    """Take a checkpoint of a namespace.
+
+    Example: artifactfs checkpoint create acme/user-alice/proj before-upgrade
+    """
+
+    async def go(s: Session) -> tuple[str, CheckpointRow]:
+        row, where = s.namespace(ns)
+        try:
+            return where, await s.cp.create(row, name, actor())
+        except Exists:
+            raise Exists(
+                f"checkpoint {name!r} of {where} already exists: choose another name, or "
+                f"delete it first (artifactfs checkpoint delete {where} {name})"
+            ) from None
+        except InvalidName as exc:
+            raise InvalidName(
+                f"{exc.message}: a checkpoint name is 1-255 bytes of UTF-8 without '/'"
+            ) from None
+
+    where, row = run(store, go)
+    typer.echo(
+        f"created checkpoint {row.name} of {where}: {row.files} files, {human(row.bytes)} "
+        f"({row.manifest_bytes} bytes of new metadata)"
+    )
+
+
+@app.command("list")
+def list_(ns: NsArg, as_json: JsonOption = False, store: StoreOption = None) -> None:
+    """List the checkpoints of a namespace, oldest first: name, time, size, files.
+
+    Example: artifactfs checkpoint list acme/user-alice/proj --json
+    """
+
+    async def go(s: Session) -> list[CheckpointRow]:
+        row, _ = s.namespace(ns)
+        return s.cp.list(row.id)
+
+    rows = run(store, go)
+    if as_json:
+        out = [
+            {
+                "name": r.name,
+                "created": datetime.fromtimestamp(r.created_ns / 1e9).astimezone().isoformat(),
+                "created_ns": r.created_ns,
+                "creator": r.creator,
+                "files": r.files,
+                "bytes": r.bytes,
+                "manifest_bytes": r.manifest_bytes,
+                "root": r.root.hex(),
+            }
+            for r in rows
+        ]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if not rows:
+        typer.echo("no checkpoints")
+        return
+    width = max(4, *(len(r.name) for r in rows))
+    typer.echo(f"{'NAME':<{width}}  {'CREATED':<19}  {'SIZE':>10}  {'FILES':>8}")
+    for r in rows:
+        typer.echo(f"{r.name:<{width}}  {when(r.created_ns)}  {human(r.bytes):>10}  {r.files:>8}")
+
+
+@app.command()
+def diff(
+    ns: NsArg,
+    a: Annotated[str, typer.Argument(metavar="A", help="The checkpoint to compare from.")],
+    b: Annotated[
+        str | None,
+        typer.Argument(metavar="[B]", help="The checkpoint to compare to (default: live state)."),
+    ] = None,
+    as_json: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """Compare checkpoint A with checkpoint B, or with the live namespace.
+
+    Prints one line per path: A added, D removed, M modified, T type changed.
+
+    Example: artifactfs checkpoint diff acme/user-alice/proj before-upgrade
+    """
+
+    async def go(s: Session) -> list[tuple[str, str]]:
+        row, where = s.namespace(ns)
+        ra = s.checkpoint(row, where, a).root
+        rb = None if b is None else s.checkpoint(row, where, b).root
+        return [(c.path, c.kind) for c in await diff_trees(s.cp, row, ra, rb)]
+
+    changes = run(store, go)
+    if as_json:
+        typer.echo(json.dumps([{"path": p, "kind": k} for p, k in changes], indent=2))
+        return
+    for path, kind in changes:
+        typer.echo(f"{KIND_LETTER[kind]} {path}")
+
+
+@app.command()
+def restore(
+    ns: NsArg,
+    name: NameArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Make the live namespace exactly a checkpoint (asks first unless --yes).
+
+    Contents, modes, owners, times, links and xattrs, in one transaction; running mounts
+    show the restored state at once.
+
+    Example: artifactfs checkpoint restore acme/user-alice/proj before-upgrade --yes
+    """
+
+    async def go(s: Session) -> tuple[str, int, bool]:
+        row, where = s.namespace(ns)
+        cp_row = s.checkpoint(row, where, name)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise NotConfirmed(
+                    f"restoring {where} to {name!r} replaces its live contents and there is "
+                    "no terminal to ask: pass --yes to confirm"
+                )
+            changes = await diff_trees(s.cp, row, cp_row.root, None)
+            if not changes:
+                return where, 0, True
+            prompt = (
+                f"Restore {where} to checkpoint {name} of {when(cp_row.created_ns)}? "
+                f"{len(changes)} paths differ and will be replaced"
+            )
+            ok = await trio.to_thread.run_sync(lambda: typer.confirm(prompt, default=False))
+            if not ok:
+                raise NotConfirmed("not confirmed: nothing was restored")
+        result = await restore_tree(s.cp, row, cp_row.root, actor=actor(), name=name)
+        return where, result.changed, result.mounts_acked
+
+    where, changed, acked = run(store, go)
+    typer.echo(f"restored {where} to checkpoint {name}: {changed} changes")
+    if not acked:
+        typer.echo(
+            "warning: a running mount has not applied the restore yet; it will shortly",
+            err=True,
+        )
+
+
+@app.command()
+def delete(ns: NsArg, name: NameArg, store: StoreOption = None) -> None:
+    """Delete a checkpoint (the live namespace is not touched).
+
+    Example: artifactfs checkpoint delete acme/user-alice/proj before-upgrade
+    """
+
+    async def go(s: Session) -> str:
+        row, where = s.namespace(ns)
+        s.checkpoint(row, where, name)
+        await s.cp.delete(row, name, actor())
+        return where
+
+    where = run(store, go)
+    typer.echo(f"deleted checkpoint {name} of {where}")
+
+
+@app.command()
+def verify(ns: NsArg, name: NameArg, store: StoreOption = None) -> None:
+    """Check a checkpoint end to end against its digests.
+
+    Re-hashes every manifest and block and every file's content digest. Exits 0 when all
+    is intact, 4 with the problems listed otherwise.
+
+    Example: artifactfs checkpoint verify acme/user-alice/proj before-upgrade
+    """
+
+    async def go(s: Session) -> tuple[str, Any]:
+        row, where = s.namespace(ns)
+        cp_row = s.checkpoint(row, where, name)
+        with progress_bar("verifying", cp_row.bytes) as progress:
+            return where, await verify_tree(s.io, cp_row.root, progress=progress)
+
+    where, report = run(store, go)
+    if report.clean:
+        typer.echo(
+            f"checkpoint {name} of {where} is intact: {report.manifests} manifests, "
+            f"{report.blocks} blocks ({human(report.block_bytes)}), "
+            f"{report.files} file contents verified"
+        )
+        return
+    for finding in report.findings:
+        typer.echo(str(finding))
+    raise VerifyFailed(
+        f"checkpoint {name} of {where} is damaged: {len(report.findings)} problem(s) listed "
+        "above; restore the namespace from another checkpoint, or the blobs from a backup"
+    )
+
+
+@app.command()
+def export(
+    ns: NsArg,
+    name: NameArg,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The file to write.")],
+    store: StoreOption = None,
+) -> None:
+    """Write a checkpoint to one self-contained file, for import into another store.
+
+    The file holds the checkpoint's record, manifests and blocks, each with its digest.
+
+    Example: artifactfs checkpoint export acme/user-alice/proj before-upgrade proj.afsckpt
+    """
+
+    async def go(s: Session) -> tuple[str, Any]:
+        row, where = s.namespace(ns)
+        cp_row = s.checkpoint(row, where, name)
+        with progress_bar("exporting", cp_row.bytes) as progress:
+            result = await export_checkpoint(
+                s.cp,
+                row,
+                name,
+                file.expanduser().absolute(),
+                actor=actor(),
+                store_id=s.store.config.store_id,
+                progress=progress,
+            )
+        return where, result
+
+    where, result = run(store, go)
+    typer.echo(
+        f"exported checkpoint {name} of {where} to {file}: {result.manifests} manifests, "
+        f"{result.blocks} blocks, {human(result.size)}"
+    )
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An exported checkpoint.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="SANDBOX/SCOPE/NAME",
+            help="The new namespace (its sandbox and scope are created if missing).",
+        ),
+    ],
+    store: StoreOption = None,
+) -> None:
+    """Bring an exported checkpoint into this store as a new namespace.
+
+    Every digest is checked before anything changes; then the checkpoint is recorded under
+    its original name and the namespace made exactly its tree.
+
+    Example: artifactfs checkpoint import proj.afsckpt acme/shared/proj-copy
+    """
+    where = parse_grid_path(target)
+    path = file.expanduser().absolute()
+
+    async def go(s: Session) -> Any:
+        size = path.stat().st_size if path.is_file() else 0
+        with progress_bar("importing", 2 * size) as progress:
+            return await import_checkpoint(
+                s.fs, path, where, actor=actor(), caller=s.caller, progress=progress
+            )
+
+    result = run(store, go)
+    typer.echo(
+        f"imported checkpoint {result.checkpoint.name} as {where} "
+        f"(id {result.namespace.public_id}): {result.checkpoint.files} files, "
+        f"{human(result.checkpoint.bytes)}; {result.stored} new blobs"
+    )
