@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from artifactfs.cli.checkpoint_cmd import app as checkpoint_app
 from artifactfs.cli.init_cmd import init
 from artifactfs.cli.mount_cmd import mount
 from artifactfs.cli.umount_cmd import umount
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command()(init)
 app.command()(mount)
 app.command()(umount)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 
 def main() -> None:
