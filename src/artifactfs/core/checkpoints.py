@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,7 +290,34 @@ class Checkpoints:
         if self.index.checkpoint_by_name(ns.id, name) is not None:
             raise Exists(f"checkpoint {name!r} already exists")
         started = time.monotonic()
-        built = await self.build(ns.root_inode, store_new=True)
+        # While the `building` row exists every change re-sequences its directories, so
+        # the record step below can tell those changed after the snapshot. The row goes in
+        # the same transaction as the record: no change can slip between the two.
+        with self.index.txn():
+            build_id = self.index.start_building(os.getpid())
+        self.index.flush()
+        recorded = False
+        try:
+            built = await self.build(ns.root_inode, store_new=True)
+            row = self._record(ns, name, creator, built, build_id)
+            recorded = True
+        finally:
+            if not recorded:
+                with trio.CancelScope(shield=True), self.index.txn():
+                    self.index.end_building(build_id)
+        log.info(
+            "checkpoint %s of %s: %d manifests written (%d bytes) in %.3f s",
+            name,
+            ns.public_id,
+            len(built.new),
+            row.manifest_bytes,
+            time.monotonic() - started,
+        )
+        return row
+
+    def _record(
+        self, ns: NamespaceRow, name: str, creator: str, built: Built, build_id: int
+    ) -> CheckpointRow:
         now = time.time_ns()
         with self.index.txn():
             if self.index.checkpoint_by_name(ns.id, name) is not None:
@@ -326,14 +354,7 @@ class Checkpoints:
                 },
                 sandbox=self.sandbox_of(ns),
             )
-        log.info(
-            "checkpoint %s of %s: %d manifests written (%d bytes) in %.3f s",
-            name,
-            ns.public_id,
-            len(built.new),
-            meta_bytes,
-            time.monotonic() - started,
-        )
+            self.index.end_building(build_id)
         return row
 
     async def delete(self, ns: NamespaceRow, name: str, actor: str) -> None:

@@ -122,7 +122,8 @@ class _Apply:
             self._drop_subtree(row)
             return
         self.index.add_nlink(row.id, -1, ctime_ns=self.now)
-        if row.nlink - 1 <= 0:
+        left = self.index.get_inode(row.id)  # `row` may predate other names' removal
+        if left is not None and left.nlink <= 0:
             self.orphans.append(row.id)
 
     def _drop_subtree(self, row: InodeRow) -> None:

@@ -9,6 +9,7 @@ It must not know about FUSE, blobs' bytes, or who may see what.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -122,6 +123,16 @@ class EventRow:
     type: str
     sandbox: str | None
     payload: dict[str, Any]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _inode(row: tuple[Any, ...]) -> InodeRow:
@@ -844,6 +855,20 @@ class Index:
             "SELECT id, ?, ?, ? FROM inodes WHERE id = ?",
             (digest, files, nbytes, ino),
         )
+
+    def start_building(self, pid: int) -> int:
+        """Announce a checkpoint build (see the `building` table); drops rows of dead pids."""
+        for row_id, other in self.conn.execute("SELECT id, pid FROM building").fetchall():
+            if not _pid_alive(other):
+                self.conn.execute("DELETE FROM building WHERE id = ?", (row_id,))
+        cur = self.conn.execute(
+            "INSERT INTO building (pid, started_ns) VALUES (?, ?)", (pid, time.time_ns())
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def end_building(self, build_id: int) -> None:
+        self.conn.execute("DELETE FROM building WHERE id = ?", (build_id,))
 
     def unhashed_files(self, namespace_id: int) -> list[int]:
         """Linked files of a namespace whose whole-content SHA-256 is not known yet."""

@@ -217,6 +217,16 @@ CREATE TRIGGER mark_dirty_do INSTEAD OF INSERT ON mark_dirty BEGIN
         SELECT i FROM up;
 END;
 
+-- The triggers below call mark_dirty only when it can matter: while a checkpoint is being
+-- built (a row in `building`; every change must then move a seq past the snapshot), or when
+-- a directory the change touches is not yet in dirty_dirs. A directory already there has no
+-- clean ancestor, so the common case costs one probe instead of a walk.
+CREATE TABLE building (
+    id         INTEGER PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    started_ns INTEGER NOT NULL
+);
+
 CREATE TRIGGER dirty_on_inode AFTER UPDATE ON inodes
 WHEN NEW.namespace_id IS NOT NULL AND (
     OLD.mode IS NOT NEW.mode OR OLD.uid IS NOT NEW.uid OR OLD.gid IS NOT NEW.gid
@@ -225,13 +235,23 @@ WHEN NEW.namespace_id IS NOT NULL AND (
     OR OLD.ctime_ns IS NOT NEW.ctime_ns OR OLD.btime_ns IS NOT NEW.btime_ns
     -- NULL -> digest only records what the content already was: no change.
     OR (OLD.sha256 IS NOT NEW.sha256 AND OLD.sha256 IS NOT NULL))
+AND (EXISTS (SELECT 1 FROM building)
+    OR (NEW.kind IN (3, 4) AND NOT EXISTS (SELECT 1 FROM dirty_dirs WHERE inode = NEW.id))
+    OR (NEW.kind NOT IN (3, 4) AND EXISTS (SELECT 1 FROM dentries d WHERE d.inode = NEW.id
+        AND NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = d.parent))))
 BEGIN
     INSERT INTO mark_dirty VALUES (NEW.id);
 END;
-CREATE TRIGGER dirty_on_dentry_insert AFTER INSERT ON dentries BEGIN
+CREATE TRIGGER dirty_on_dentry_insert AFTER INSERT ON dentries
+WHEN EXISTS (SELECT 1 FROM building)
+    OR NOT EXISTS (SELECT 1 FROM dirty_dirs WHERE inode = NEW.parent)
+BEGIN
     INSERT INTO mark_dirty VALUES (NEW.parent);
 END;
-CREATE TRIGGER dirty_on_dentry_delete AFTER DELETE ON dentries BEGIN
+CREATE TRIGGER dirty_on_dentry_delete AFTER DELETE ON dentries
+WHEN EXISTS (SELECT 1 FROM building)
+    OR NOT EXISTS (SELECT 1 FROM dirty_dirs WHERE inode = OLD.parent)
+BEGIN
     INSERT INTO mark_dirty VALUES (OLD.parent);
 END;
 CREATE TRIGGER dirty_on_dentry_update AFTER UPDATE ON dentries BEGIN
