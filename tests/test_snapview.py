@@ -127,6 +127,11 @@ async def test_mkdir_takes_and_rmdir_deletes(core: Core) -> None:
     ):
         with pytest.raises(exc):
             await core.fs.mkdir(snap_ino, bad, 0o755, core.caller)
+    # Names that cannot be checkpoint names are simply not there.
+    with pytest.raises(NotFound):
+        await core.fs.lookup(snap_ino, b"\xff", core.caller)
+    with pytest.raises(NotFound):
+        await core.fs.rmdir(snap_ino, b"\xff", core.caller)
     await core.fs.rmdir(snap_ino, b"first", core.caller)
     assert core.fs.checkpoints.list(ns.id) == []
     assert await listing(core, SNAP) == []

@@ -34,7 +34,7 @@ from artifactfs.core.names import (
 )
 from artifactfs.core.nodes import ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
 from artifactfs.core.policy import ADMIN, Decision, Op, Place, View, decide
-from artifactfs.core.snapview import SnapView, VKind, decode_name, is_virtual
+from artifactfs.core.snapview import SnapView, VKind, decode_name, existing_name, is_virtual
 from artifactfs.errors import (
     AccessDenied,
     BadHandle,
@@ -423,7 +423,7 @@ class FileSystem:
         self, parent: int, name: bytes, want: VKind, caller: Caller
     ) -> None:
         ns = self._snap_namespace(parent, want)
-        await self.checkpoints.delete(ns, decode_name(name), actor=f"uid:{caller.uid}")
+        await self.checkpoints.delete(ns, existing_name(name), actor=f"uid:{caller.uid}")
 
     # ---- creating -----------------------------------------------------------------------------
 

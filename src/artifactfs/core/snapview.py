@@ -67,8 +67,16 @@ def is_virtual(ino: int) -> bool:
 
 
 def decode_name(name: bytes) -> str:
-    """A checkpoint name as Checkpoints spells it (invalid UTF-8 is refused there)."""
+    """A checkpoint name to take, as Checkpoints spells it (which refuses invalid UTF-8)."""
     return name.decode("utf-8", errors="surrogateescape")
+
+
+def existing_name(name: bytes) -> str:
+    """A checkpoint name to look up: NotFound when it is not UTF-8 (no checkpoint has it)."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotFound(f"no checkpoint named {name!r}") from None
 
 
 class VKind(Enum):
@@ -390,7 +398,7 @@ class SnapView:
         return out[:limit]
 
     def _checkpoint_by_name(self, ns_id: int, name: bytes) -> CheckpointRow:
-        ck = self.index.checkpoint_by_name(ns_id, decode_name(name))
+        ck = self.index.checkpoint_by_name(ns_id, existing_name(name))
         if ck is None:
             raise NotFound()
         return ck
