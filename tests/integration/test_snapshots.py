@@ -168,7 +168,7 @@ def diff_r(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-# ---- taking, browsing, keeping the old state -------------------------------------------------------
+# ---- taking, browsing, keeping the old state -----------------------------------------------------
 
 
 def test_take_browse_and_diff_against_a_copy(ws: Path, tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_tree_walkers_never_see_snapshots(ws: Path, tmp_path: Path) -> None:
     assert SNAPSHOTS not in status and "later.txt" in status
 
 
-# ---- deleting and names ------------------------------------------------------------------------------
+# ---- deleting and names --------------------------------------------------------------------------
 
 
 def test_rmdir_deletes_a_checkpoint(ws: Path) -> None:
@@ -492,7 +492,7 @@ def test_checkpoint_taken_by_another_process_appears_at_once(
     assert os.listdir(ws / SNAPSHOTS) == []
 
 
-# ---- blob namespaces ------------------------------------------------------------------------------
+# ---- blob namespaces -----------------------------------------------------------------------------
 
 
 def test_blob_checkpoints_with_colon_redirect_and_rm(ws: Path) -> None:
