@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from test_checkpoints import Model, model, reference_diff
 from test_core_property import apply_core, core_tree, draw_op
 
+from artifactfs.core import manifest
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.diff import diff
 from artifactfs.core.restore import restore
@@ -39,6 +40,18 @@ HANDLE_OPS = ("open", "pwrite", "ftruncate", "close")
 
 async def run(tmp: Path, data: st.DataObject) -> None:
     group = data.draw(st.booleans(), label="group commit")
+    # Tiny chunks make every directory of the small trees drawn here a chunked one.
+    tiny = data.draw(st.booleans(), label="tiny chunks")
+    saved_params = manifest.CHUNK_THRESHOLD, manifest.CHUNK_AVERAGE, manifest.CHUNK_MAX
+    if tiny:
+        manifest.CHUNK_THRESHOLD, manifest.CHUNK_AVERAGE, manifest.CHUNK_MAX = 1, 2, 2
+    try:
+        await run_steps(tmp, data, group)
+    finally:
+        manifest.CHUNK_THRESHOLD, manifest.CHUNK_AVERAGE, manifest.CHUNK_MAX = saved_params
+
+
+async def run_steps(tmp: Path, data: st.DataObject, group: bool) -> None:
     async with open_core(tmp / "store", group_commit=group) as core:
         top = await workspace(core, WS)
         ns = core.store.index.namespace_by_root(top)

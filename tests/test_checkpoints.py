@@ -412,3 +412,32 @@ async def test_restore_into_empty_namespace(core: Core) -> None:
     after = await model(core, "acme/shared/copy")
     assert after[0] == before[0]
     assert after[1] == before[1]
+
+
+async def test_big_directory_is_chunked_and_shared(core: Core) -> None:
+    from artifactfs.core.manifest import CHUNK_THRESHOLD
+
+    n = 1000
+    ws = await core.resolve(WS)
+    for i in range(n):
+        fh, _ = await core.fs.create(ws, f"file{i:04d}".encode(), 0o644, os.O_WRONLY, core.caller)
+        await core.fs.write(fh, 0, f"content {i}".encode())
+        await core.fs.release(fh)
+    cp, ns = ckpts(core), await namespace(core)
+    first = await cp.create(ns, "first", "tester")
+    top = await cp.raw(first.root)
+    assert len(top.chunks) > n // 64 and top.entries == {}
+    whole = await cp.manifest(first.root)
+    assert len(whole.entries) == n > CHUNK_THRESHOLD
+    before = await model(core)
+    # One changed file rewrites one chunk and the top, a small fraction of the bytes.
+    await core.write_file(f"{WS}/file0500", b"changed")
+    await core.write_file(f"{WS}/new-file", b"added")
+    second = await cp.create(ns, "second", "tester")
+    assert second.manifest_bytes < first.manifest_bytes / 8
+    assert second.root == await fresh_root(cp, ns)
+    changes, read = await diff_counted(cp, ns, first.root, second.root)
+    assert [(c.path, c.kind) for c in changes] == [("file0500", "modified"), ("new-file", "added")]
+    assert read <= 2 + 6  # two tops and the chunks that differ
+    await restore(cp, ns, first.root, actor="tester")
+    assert await model(core) == before

@@ -35,6 +35,7 @@ from artifactfs.core.manifest import (
     digest_of,
     encode,
     entry_type,
+    split,
 )
 from artifactfs.core.names import check_name
 from artifactfs.core.nodes import NodeKind
@@ -134,11 +135,15 @@ class TreeBuilder:
         return entry_from_row(row, xattrs=xattrs, blocks=blocks, sha256=sha)
 
     def _emit(self, m: Manifest, out: Built) -> bytes:
-        data = encode(m)
-        digest = digest_of(data)
-        out.manifests[digest] = m
-        if digest not in out.new and not self.snap.known_blob(digest):
-            out.new[digest] = data
+        """Encode `m` as stored (a big directory as chunks + top); returns its digest.
+        `out.manifests` gets every piece as stored (unmerged), like the manifest cache."""
+        top, chunks = split(m)
+        for piece in (*chunks, top):
+            data = encode(piece)
+            digest = digest_of(data)
+            out.manifests[digest] = piece
+            if digest not in out.new and not self.snap.known_blob(digest):
+                out.new[digest] = data
         return digest
 
     def build(self, root: InodeRow) -> Built:
@@ -237,6 +242,9 @@ class Checkpoints:
             raise NotFound(f"no checkpoint named {name!r}")
         return row
 
+    # The cache holds manifests as stored: a chunked directory's top (no entries) and its
+    # chunks separately; `manifest()` merges them for callers that want a whole directory.
+
     def cached_manifest(self, digest: bytes) -> Manifest | None:
         m = self._cache.get(digest)
         if m is not None:
@@ -249,21 +257,42 @@ class Checkpoints:
         while len(self._cache) > MANIFEST_CACHE:
             self._cache.popitem(last=False)
 
-    def load_manifest_sync(self, digest: bytes) -> Manifest:
-        """Worker thread: fetch, verify and parse one manifest."""
+    def load_raw_sync(self, digest: bytes) -> Manifest:
+        """Worker thread: one stored manifest or chunk, fetched, verified and parsed."""
         m = self._cache.get(digest)  # no reordering off the trio thread
         if m is None:
             m = decode(self.io._get(digest), digest)
         return m
 
-    async def manifest(self, digest: bytes) -> Manifest:
+    def load_manifest_sync(self, digest: bytes) -> Manifest:
+        """Worker thread: a whole manifest (a chunked directory with its entries merged)."""
+        return self._merge(self.load_raw_sync(digest), self.load_raw_sync)
+
+    @staticmethod
+    def _merge(top: Manifest, load: Callable[[bytes], Manifest]) -> Manifest:
+        if not top.chunks:
+            return top
+        entries: dict[bytes, Entry] = {}
+        for c in top.chunks:
+            entries.update(load(c).entries)
+        return Manifest(top.kind, top.self_entry, entries, top.chunks)
+
+    async def raw(self, digest: bytes) -> Manifest:
+        """One stored manifest or chunk, unmerged (a diff compares chunks by digest)."""
         m = self.cached_manifest(digest)
         if m is None:
             m = await trio.to_thread.run_sync(
-                self.load_manifest_sync, digest, limiter=self.io.limiter
+                self.load_raw_sync, digest, limiter=self.io.limiter
             )
             self.remember(digest, m)
         return m
+
+    async def manifest(self, digest: bytes) -> Manifest:
+        top = await self.raw(digest)
+        if not top.chunks:
+            return top
+        pieces = {c: await self.raw(c) for c in top.chunks}
+        return self._merge(top, pieces.__getitem__)
 
     # ---- taking and deleting ---------------------------------------------------------------
 

@@ -50,10 +50,38 @@ class _Differ:
         self.out: list[Change] = []
         self.manifests_read = 0
 
-    async def manifest(self, digest: bytes) -> Manifest:
+    async def raw(self, digest: bytes) -> Manifest:
+        """One manifest or chunk as stored (unmerged)."""
         self.manifests_read += 1
         m = self.live.get(digest)
-        return m if m is not None else await self.cp.manifest(digest)
+        return m if m is not None else await self.cp.raw(digest)
+
+    async def manifest(self, digest: bytes) -> Manifest:
+        """A whole directory (chunks merged)."""
+        top = await self.raw(digest)
+        if not top.chunks:
+            return top
+        entries: dict[bytes, Entry] = {}
+        for c in top.chunks:
+            entries.update((await self.raw(c)).entries)
+        return Manifest(top.kind, top.self_entry, entries, top.chunks)
+
+    async def differing_entries(
+        self, ma: Manifest, mb: Manifest
+    ) -> tuple[dict[bytes, Entry], dict[bytes, Entry]]:
+        """The entries of two directories, minus the chunks they share (equal entries)."""
+        shared = set(ma.chunks) & set(mb.chunks)
+        out: list[dict[bytes, Entry]] = []
+        for m in (ma, mb):
+            if not m.chunks:
+                out.append(m.entries)
+                continue
+            entries: dict[bytes, Entry] = {}
+            for c in m.chunks:
+                if c not in shared:
+                    entries.update((await self.raw(c)).entries)
+            out.append(entries)
+        return out[0], out[1]
 
     async def subtree(self, digest: bytes | None, prefix: str, kind: ChangeKind) -> None:
         """List every path below a directory that exists on one side only."""
@@ -98,14 +126,14 @@ class _Differ:
     async def dirs(self, da: bytes, db: bytes, prefix: str) -> None:
         if da == db:
             return
-        ma, mb = await self.manifest(da), await self.manifest(db)
-        for name in sorted(set(ma.entries) | set(mb.entries)):
-            await self.entry(_join(prefix, name), ma.entries.get(name), mb.entries.get(name))
+        ea, eb = await self.differing_entries(await self.raw(da), await self.raw(db))
+        for name in sorted(set(ea) | set(eb)):
+            await self.entry(_join(prefix, name), ea.get(name), eb.get(name))
 
     async def roots(self, da: bytes, db: bytes) -> None:
         if da == db:
             return
-        ma, mb = await self.manifest(da), await self.manifest(db)
+        ma, mb = await self.raw(da), await self.raw(db)
         if not ma.self_entry.content_equal(mb.self_entry):
             self.out.append(Change(".", "modified"))
         if ma.kind == "dir" and mb.kind == "dir":

@@ -6,6 +6,12 @@ A checkpoint is a Merkle tree. Each workspace directory becomes a manifest:
      "entries": {name: <entry>, ...}}
 
 and a blob namespace one manifest `{"v": 1, "kind": "blob", "self": <entry of the file>}`.
+A directory of more than CHUNK_THRESHOLD entries is split: its manifest lists chunk digests,
+`{"v": 1, "kind": "dir", "self": ..., "chunks": [digest, ...]}`, and each chunk
+`{"v": 1, "kind": "chunk", "entries": {...}}` holds a run of consecutive names (bytewise
+order). A name ends a chunk when its hash says so (about one name in CHUNK_AVERAGE), or the
+chunk is full: boundaries depend on the names alone, so adding or changing one entry rewrites
+one chunk and the short top manifest, not the whole directory.
 An entry holds what `stat`, `getfattr` and `readlink` show of a node:
 
     t      "f" file, "d" directory, "l" symlink, "s" fifo/socket/device
@@ -36,6 +42,9 @@ from artifactfs.core.nodes import NodeKind
 from artifactfs.errors import StorageError
 
 MANIFEST_VERSION = 1
+CHUNK_THRESHOLD = 48  # directories with more entries are chunked
+CHUNK_AVERAGE = 16  # names per chunk on average
+CHUNK_MAX = 128
 
 FILE, DIR, SYMLINK, SPECIAL = "f", "d", "l", "s"
 _TYPE_OF_KIND = {
@@ -159,9 +168,38 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    kind: str  # "dir" or "blob"
+    """A decoded manifest. For a chunked directory as stored, `entries` is empty and
+    `chunks` lists its chunks; `Checkpoints.manifest` returns it with `entries` merged.
+    A chunk has kind "chunk" and the placeholder CHUNK_SELF as `self_entry`."""
+
+    kind: str  # "dir", "blob" or "chunk"
     self_entry: Entry
     entries: dict[bytes, Entry] = field(default_factory=dict)
+    chunks: tuple[bytes, ...] = ()
+
+
+CHUNK_SELF = Entry(type=DIR, mode=0, uid=0, gid=0, atime_ns=0, mtime_ns=0, ctime_ns=0, btime_ns=0)
+
+
+def _ends_chunk(name: bytes) -> bool:
+    return int.from_bytes(hashlib.sha256(name).digest()[:4], "big") % CHUNK_AVERAGE == 0
+
+
+def split(m: Manifest) -> tuple[Manifest, list[Manifest]]:
+    """A directory manifest as stored: itself if small, else (top, chunks)."""
+    if m.kind != "dir" or len(m.entries) <= CHUNK_THRESHOLD:
+        return m, []
+    chunks: list[Manifest] = []
+    run: dict[bytes, Entry] = {}
+    for name in sorted(m.entries):
+        run[name] = m.entries[name]
+        if _ends_chunk(name) or len(run) >= CHUNK_MAX:
+            chunks.append(Manifest("chunk", CHUNK_SELF, run))
+            run = {}
+    if run:
+        chunks.append(Manifest("chunk", CHUNK_SELF, run))
+    digests = tuple(digest_of(encode(c)) for c in chunks)
+    return Manifest("dir", m.self_entry, {}, digests), chunks
 
 
 def entry_type(kind: int) -> str:
@@ -179,8 +217,13 @@ def mode_type(mode: int) -> str:
 
 
 def encode(m: Manifest) -> bytes:
-    doc: dict[str, Any] = {"v": MANIFEST_VERSION, "kind": m.kind, "self": m.self_entry.to_cbor()}
-    if m.kind == "dir":
+    """Canonical CBOR of one stored manifest (a chunked directory: its top, see `split`)."""
+    doc: dict[str, Any] = {"v": MANIFEST_VERSION, "kind": m.kind}
+    if m.kind != "chunk":
+        doc["self"] = m.self_entry.to_cbor()
+    if m.chunks:
+        doc["chunks"] = list(m.chunks)
+    elif m.kind in ("dir", "chunk"):
         doc["entries"] = {name: e.to_cbor() for name, e in m.entries.items()}
     return cbor2.dumps(doc, canonical=True)
 
@@ -200,11 +243,18 @@ def decode(data: bytes, digest: bytes | None = None) -> Manifest:
     if not isinstance(doc, dict) or doc.get("v") != MANIFEST_VERSION:
         raise ManifestError("not an artifactfs manifest of a known version")
     kind = doc.get("kind")
-    if kind not in ("dir", "blob"):
+    if kind not in ("dir", "blob", "chunk"):
         raise ManifestError(f"unknown manifest kind {kind!r}")
-    self_entry = Entry.from_cbor(doc.get("self"))
+    self_entry = CHUNK_SELF if kind == "chunk" else Entry.from_cbor(doc.get("self"))
     entries: dict[bytes, Entry] = {}
-    if kind == "dir":
+    if kind == "dir" and "chunks" in doc:
+        chunks = doc["chunks"]
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, bytes) and len(c) == 32 for c in chunks
+        ):
+            raise ManifestError("malformed chunk list")
+        return Manifest(kind, self_entry, {}, tuple(chunks))
+    if kind in ("dir", "chunk"):
         raw = doc.get("entries")
         if not isinstance(raw, dict):
             raise ManifestError("directory manifest has no entries map")
@@ -216,4 +266,5 @@ def decode(data: bytes, digest: bytes | None = None) -> Manifest:
 
 
 def child_digests(m: Manifest) -> list[bytes]:
-    return [e.manifest for e in m.entries.values() if e.manifest is not None]
+    """The manifests a walk visits after `m`: its chunks, then its child directories."""
+    return list(m.chunks) + [e.manifest for e in m.entries.values() if e.manifest is not None]
