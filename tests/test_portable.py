@@ -22,9 +22,9 @@ from artifactfs.core.grid import find_namespace, parse_grid_path
 from artifactfs.core.manifest import Entry, Manifest, digest_of, encode
 from artifactfs.core.nodes import AttrChanges
 from artifactfs.core.portable import export_checkpoint, import_checkpoint
-from artifactfs.core.restore import restore
+from artifactfs.core.restore import CHANGE_ENTRY, restore
 from artifactfs.core.verify import verify_tree
-from artifactfs.errors import Corrupt, Exists, InvalidArgument, NotFound
+from artifactfs.errors import Corrupt, Exists, InvalidArgument, NotFound, StorageError
 from artifactfs.index.db import NamespaceRow
 
 WS = "acme/shared/ws"
@@ -167,6 +167,10 @@ async def test_workspace_round_trip(src: Core, dst: Core, tmp_path: Path) -> Non
     assert await diff(dst.fs.checkpoints, result.namespace, row.root, None) == []
     types = [e.type for e in dst.store.index.events(type_prefix="checkpoint.")]
     assert types == ["checkpoint.import", "checkpoint.restore"]
+    # Running mounts of the store are told the new names exist (the change feed).
+    scope = await dst.resolve("other/user-bob")
+    feed = [(kind, ino, name) for _, kind, ino, name in dst.store.index.changes_after(0)]
+    assert (CHANGE_ENTRY, scope, b"copy") in feed and (CHANGE_ENTRY, 1, b"other") in feed
     assert [e.type for e in src.store.index.events(type_prefix="checkpoint.")][-1] == (
         "checkpoint.export"
     )
@@ -248,8 +252,15 @@ async def test_export_refuses_existing_file_and_corrupt_store(src: Core, tmp_pat
         with pytest.raises(Corrupt, match="corrupt in this store"):
             await export_checkpoint(src.fs.checkpoints, ns, "base", tmp_path / "x", actor="t")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+        src.store.backend.delete(digest)
+        with pytest.raises(StorageError, match="nothing was exported"):
+            await export_checkpoint(src.fs.checkpoints, ns, "base", tmp_path / "x", actor="t")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     finally:
-        path.write_bytes(original)
+        if src.store.backend.has(digest):
+            path.write_bytes(original)
+        else:
+            src.store.backend.put(digest, original)
 
 
 # ---- refusals ----------------------------------------------------------------------------------

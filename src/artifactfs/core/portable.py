@@ -59,7 +59,7 @@ from artifactfs.core.grid import (
 )
 from artifactfs.core.manifest import FILE, Entry, Manifest, ManifestError, decode
 from artifactfs.core.nodes import Caller
-from artifactfs.core.restore import restore
+from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_INODE, restore
 from artifactfs.errors import Corrupt, Exists, InvalidArgument, NotFound, StorageError
 from artifactfs.index.db import CheckpointRow, NamespaceRow
 
@@ -123,7 +123,7 @@ class _Writer:
     def copy_blocks(self, read: Callable[[bytes], bytes], digests: list[bytes]) -> int:
         n = 0
         for digest in digests:
-            data = read(digest)
+            data = _read_for_export(read, digest)
             if hashlib.sha256(data).digest() != digest:
                 raise Corrupt(
                     f"block {digest.hex()} is corrupt in this store: nothing was exported; "
@@ -155,12 +155,22 @@ class _Writer:
             os.unlink(self.tmp)
 
 
+def _read_for_export(read: Callable[[bytes], bytes], digest: bytes) -> bytes:
+    try:
+        return read(digest)
+    except StorageError as exc:
+        raise StorageError(
+            f"{exc.message}: nothing was exported; run `artifactfs checkpoint verify` to see "
+            "what it affects"
+        ) from None
+
+
 def _read_manifests(
     read: Callable[[bytes], bytes], digests: list[bytes]
 ) -> list[tuple[bytes, bytes, Manifest]]:
     out = []
     for digest in digests:
-        data = read(digest)
+        data = _read_for_export(read, digest)
         try:
             out.append((digest, data, decode(data, digest)))
         except ManifestError:
@@ -607,6 +617,7 @@ async def import_checkpoint(
         with index.txn():
             new_meta = sum(sizes[d] for d in need_manifests if not index.known_blob(d))
             index.record_blobs(sizes.items(), now)
+            index.append_changes(_feed(fs, [ns.root_inode, *created]))
             row = index.insert_checkpoint(
                 ns.id, header.name, header.root, header.created_ns, header.creator,
                 files, nbytes, new_meta,
@@ -641,6 +652,17 @@ async def import_checkpoint(
     )
 
 
+def _feed(fs: FileSystem, inodes: list[int]) -> list[tuple[int, int, bytes | None]]:
+    """Change-feed rows saying that these grid names appeared or went, so that running
+    mounts of the store drop cached (negative or stale) entries for them."""
+    feed: list[tuple[int, int, bytes | None]] = []
+    for ino in inodes:
+        up = fs.index.parent_of(ino)
+        if up is not None:
+            feed += [(CHANGE_ENTRY, up[0], up[1]), (CHANGE_INODE, up[0], None)]
+    return feed
+
+
 async def _undo(
     fs: FileSystem, ns: NamespaceRow, row: CheckpointRow | None, created: list[int],
     caller: Caller,
@@ -651,4 +673,7 @@ async def _undo(
             index.delete_checkpoint(row.id)
     fresh = index.namespace_by_id(ns.id)
     if fresh is not None:
+        feed = _feed(fs, [fresh.root_inode, *created])  # while the names still exist
         await remove_namespace(fs, fresh, created, caller)
+        with index.txn():
+            index.append_changes(feed)
