@@ -263,6 +263,24 @@ async def test_export_refuses_existing_file_and_corrupt_store(src: Core, tmp_pat
             src.store.backend.put(digest, original)
 
 
+async def test_big_directory_round_trip(src: Core, dst: Core, tmp_path: Path) -> None:
+    """A directory big enough to be stored in chunks travels whole."""
+    await src.makedirs(f"{WS}/many")
+    for i in range(150):
+        await src.write_file(f"{WS}/many/f{i:03}", f"file {i}".encode())
+    row = await src.fs.checkpoints.create(await namespace(src), "base", "alice")
+    before = await model(src, WS)
+    dest = await exported(src, tmp_path)
+    manifests = [doc for _, _, doc in items(dest) if isinstance(doc, list) and doc[0] == "m"]
+    assert len(manifests) > 2  # the root, the top of "many" and its chunks
+    result = await import_checkpoint(
+        dst.fs, dest, parse_grid_path(COPY), actor="bob", caller=dst.caller
+    )
+    assert await model(dst, COPY) == before
+    assert result.checkpoint.files == 150
+    assert (await verify_tree(dst.io, row.root)).clean
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 

@@ -179,3 +179,31 @@ async def test_each_distinct_block_is_read_for_its_check_once(
     # Block digest checks hash whole blocks once each (the shared one once, not six times);
     # the whole-file hashes are fed with update(), not counted here.
     assert hashed.count(b"x") == 1
+
+
+async def test_chunked_directory(core: Core) -> None:
+    """A big directory is stored as a top manifest and chunks: each chunk is verified, and a
+    corrupt one is reported at the directory's path while the other chunks' files still are
+    checked."""
+    await core.makedirs(f"{WS}/many")
+    n = 150
+    for i in range(n):
+        await core.write_file(f"{WS}/many/f{i:03}", f"file {i}".encode())
+    row = await core.fs.checkpoints.create(await namespace(core), "c", "tester")
+    await core.io.drained()
+    report = await verify_tree(core.io, row.root)
+    assert report.clean and report.files == n
+    top = await core.fs.checkpoints.manifest(row.root)
+    many = top.entries[b"many"].manifest
+    assert many is not None
+    raw = await core.fs.checkpoints.raw(many)
+    assert len(raw.chunks) > 1
+    assert report.manifests == 2 + len(raw.chunks)
+    chunk = raw.chunks[0]
+    in_chunk = len((await core.fs.checkpoints.raw(chunk)).entries)
+    damage(core, chunk)
+    report = await verify_tree(core.io, row.root)
+    assert [(f.kind, f.digest, f.paths) for f in report.findings] == [
+        (CORRUPT_MANIFEST, chunk, ("many",))
+    ]
+    assert report.files == n - in_chunk

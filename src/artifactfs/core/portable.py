@@ -9,6 +9,7 @@ stream so that neither side holds a namespace's contents in memory:
                "source": {"namespace": public id, "path": grid path, "store": store id},
                "exported_ns": int}                      (canonical CBOR)
     items     ["m", digest, manifest bytes]  every manifest reachable from the root, once
+                                              (the chunks of a big directory included)
               ["b", digest, block bytes]     every block those manifests name, once
               (a manifest comes before the blocks of its files; order is otherwise free)
     trailer   {"end": {"manifests": n, "blocks": n, "manifest_bytes": n, "block_bytes": n,
@@ -235,6 +236,10 @@ async def export_checkpoint(
             )
             blocks: list[bytes] = []
             for _, _, m in loaded:
+                for c in m.chunks:
+                    if c not in seen_m:
+                        seen_m.add(c)
+                        queue.append(c)
                 for e in _entries(m):
                     for _, b in e.blocks:
                         if b not in seen_b:
@@ -296,7 +301,7 @@ def _damaged(path: Path, what: str) -> Corrupt:
 @dataclass(slots=True)
 class _MInfo:
     kind: str
-    children: list[bytes]  # child directory manifests, one per entry naming them
+    children: list[tuple[bytes, str]]  # (manifest, its kind): chunks, then child directories
     blocks: set[bytes]
     files: int
     nbytes: int
@@ -447,7 +452,7 @@ class _Scan:
         return read
 
     def _info(self, m: Manifest) -> _MInfo:
-        info = _MInfo(m.kind, [], set(), 0, 0)
+        info = _MInfo(m.kind, [(c, "chunk") for c in m.chunks], set(), 0, 0)
         bs = self.block_size
         for e in _entries(m):
             if e.type == FILE:
@@ -461,7 +466,7 @@ class _Scan:
                 if e.manifest is None:
                     info.bad = "a directory without a manifest"
                 else:
-                    info.children.append(e.manifest)
+                    info.children.append((e.manifest, "dir"))
         return info
 
     def check(self) -> tuple[set[bytes], int, int]:
@@ -490,7 +495,7 @@ class _Scan:
                 raise _damaged(path, f"manifest {d.hex()} is missing")
             if expanded:
                 files, nbytes = info.files, info.nbytes
-                for c in info.children:
+                for c, _ in info.children:
                     files += totals[c][0]
                     nbytes += totals[c][1]
                 totals[d] = (files, nbytes)
@@ -500,14 +505,17 @@ class _Scan:
                 continue
             if info.bad:
                 raise _damaged(path, f"manifest {d.hex()} has {info.bad}")
-            if d != h.root and info.kind != "dir":
-                raise _damaged(path, f"manifest {d.hex()} is not a directory")
             missing = next((b for b in info.blocks if b not in self.blocks), None)
             if missing is not None:
                 raise _damaged(path, f"block {missing.hex()} is missing")
             active.add(d)
             stack.append((d, True))
-            for c in info.children:
+            for c, kind in info.children:
+                child = self.manifests.get(c)
+                if child is None:
+                    raise _damaged(path, f"manifest {c.hex()} is missing")
+                if child.kind != kind:
+                    raise _damaged(path, f"manifest {c.hex()} is not a {kind}")
                 if c in active:
                     raise _damaged(path, "the manifests form a cycle")
                 if c not in totals:

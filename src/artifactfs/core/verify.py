@@ -1,8 +1,9 @@
 """Verify a checkpoint end to end: every manifest and every block against its digest.
 
 Starting at a root manifest digest, `verify_tree`:
-  1. reads every manifest reached from the root (each distinct digest once), re-hashes it
-     against its digest and parses it (`manifest.decode`);
+  1. reads every manifest reached from the root (each distinct digest once; the chunks of
+     a big directory included), re-hashes it against its digest and parses it
+     (`manifest.decode`);
   2. re-hashes every block the files name against its digest, each distinct block once;
   3. recomputes every file's whole-content SHA-256 from its blocks (holes, and stored blocks
      shorter than the file needs, read as zeros up to the file's size) and compares it with
@@ -212,15 +213,26 @@ class _Verifier:
         return report
 
     async def _walk(self, root: bytes, report: VerifyReport) -> list[_Content]:
+        """Breadth-first over the manifests as stored: a chunked directory's chunks are
+        manifests of their own, whose entries belong to the directory's path."""
         seen: dict[bytes, _Paths] = {}
         bad: dict[bytes, tuple[str, str]] = {}
         contents: dict[tuple[bytes | None, int, tuple[tuple[int, bytes], ...]], _Content] = {}
-        level: list[tuple[bytes, str, bool]] = [(root, ".", True)]  # digest, path, may be blob
+        # (digest, path of the directory it describes, the kinds it may have)
+        level: list[tuple[bytes, str, tuple[str, ...]]] = [(root, ".", ("dir", "blob"))]
         first = _Paths()
         first.add(".")
         seen[root] = first
+
+        def follow(digest: bytes, path: str, kinds: tuple[str, ...]) -> None:
+            paths = seen.get(digest)
+            if paths is None:
+                paths = seen[digest] = _Paths()
+                nxt.append((digest, path, kinds))
+            paths.add(path)
+
         while level:
-            nxt: list[tuple[bytes, str, bool]] = []
+            nxt: list[tuple[bytes, str, tuple[str, ...]]] = []
             loaded: list[tuple[bytes, Manifest | None, str, str]] = []
             digests = [d for d, _, _ in level]
             for i in range(0, len(digests), MANIFESTS_PER_HOP):
@@ -230,25 +242,24 @@ class _Verifier:
                     limiter=self.io.limiter,
                 )
             report.manifests += len(loaded)
-            for (digest, path, top), (_, m, kind, detail) in zip(level, loaded, strict=True):
-                if m is not None and m.kind != "dir" and not top:
-                    m, kind, detail = None, CORRUPT_MANIFEST, "a blob manifest inside a tree"
+            for (digest, path, kinds), (_, m, kind, detail) in zip(level, loaded, strict=True):
+                if m is not None and m.kind not in kinds:
+                    kind, detail = CORRUPT_MANIFEST, f"a {m.kind} manifest out of place"
+                    m = None
                 if m is None:
                     bad[digest] = (kind, detail)
                     continue
                 if m.kind == "blob":
                     self._add_content(contents, m.self_entry, path)
                     continue
+                for chunk in m.chunks:
+                    follow(chunk, path, ("chunk",))
                 for name, e in sorted(m.entries.items()):
                     child = join(path, name)
                     if e.type == FILE:
                         self._add_content(contents, e, child)
                     elif e.manifest is not None:
-                        paths = seen.get(e.manifest)
-                        if paths is None:
-                            paths = seen[e.manifest] = _Paths()
-                            nxt.append((e.manifest, child, False))
-                        paths.add(child)
+                        follow(e.manifest, child, ("dir",))
                     elif e.is_dir:
                         bad.setdefault(
                             digest, (CORRUPT_MANIFEST, f"directory {child} has no manifest")
