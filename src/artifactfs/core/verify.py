@@ -44,6 +44,7 @@ MAX_PATHS = 5
 # Work per worker-thread hop: enough to amortise the hop, small enough to keep memory flat.
 MANIFESTS_PER_HOP = 64
 BYTES_PER_HOP = 32 << 20
+FILE_COST = 64 << 10  # what a file weighs in a batch beyond its bytes
 
 _OK, _MISSING, _CORRUPT = "ok", "missing", "corrupt"
 
@@ -301,7 +302,7 @@ class _Verifier:
                 batches.append([])
                 weight = 0
             batches[-1].append(c)
-            weight += max(c.size, 4096)
+            weight += c.size + FILE_COST  # a small file costs an open and a read
 
         async def run(batch: list[_Content]) -> None:
             n = await trio.to_thread.run_sync(self._check_contents, batch, limiter=self.io.limiter)
