@@ -77,7 +77,7 @@ FILES = [
     ("docs/readme.txt", 70_000, 0o444),
     ("with space/ü file.txt", 4097, 0o4750),
 ]
-DIRS = ["src", "src/pkg", "src/pkg/deep", "docs", "with space", "emptydir", "private"]
+DIRS = ["src", "src/pkg", "src/pkg/deep", "docs", "with space", "emptydir", "private", "many"]
 
 
 def make_tree(root: Path, seed: int = 0) -> None:
@@ -87,6 +87,10 @@ def make_tree(root: Path, seed: int = 0) -> None:
     for rel, size, mode in FILES:
         (root / rel).write_bytes(rng.randbytes(size))
         os.chmod(root / rel, mode)
+    # A directory big enough to be stored as a chunked manifest.
+    for i in range(120):
+        (root / "many" / f"n{i:03d}").write_text(f"entry {i}\n")
+    (root / "many" / "subdir").mkdir()
     (root / "top.txt").write_text("top level\n" * 50)
     os.link(root / "top.txt", root / "docs" / "hardlink-to-top")
     (root / "docs" / "tagged").write_bytes(b"with xattrs")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -50,7 +50,7 @@ from artifactfs.index.db import CheckpointRow, Index, InodeRow
 
 # Real inode ids come from SQLite AUTOINCREMENT and would need 2**48 creations to get here.
 VIRTUAL_BASE = 1 << 48
-LISTING_CACHE = 256
+DIR_CACHE = 256
 DIR_STORED = 4096
 READ_ONLY_DIR = 0o555
 
@@ -142,7 +142,8 @@ class SnapView:
         self._by_key: dict[tuple[object, ...], VNode] = {}
         self._next = VIRTUAL_BASE
         self._fresh: list[VNode] = []  # interned, not yet known to be referenced
-        self._listings: collections.OrderedDict[bytes, tuple[list[bytes], int]] = (
+        # Whole directory manifests (chunks merged), their sorted names and subdirectories.
+        self._dirs: collections.OrderedDict[bytes, tuple[Manifest, list[bytes], int]] = (
             collections.OrderedDict()
         )
 
@@ -296,42 +297,80 @@ class SnapView:
     # ---- manifests ----------------------------------------------------------------------------
 
     async def _manifests(self, digests: Iterable[bytes]) -> dict[bytes, Manifest]:
-        """Manifests by digest: cached ones at once, the others in ONE worker-thread hop."""
+        """Whole manifests by digest (a chunked directory with its chunks merged): cached
+        ones at once, the others with all their chunks in ONE worker-thread hop."""
         out: dict[bytes, Manifest] = {}
         missing: list[bytes] = []
         for d in dict.fromkeys(digests):
-            m = self.checkpoints.cached_manifest(d)
+            m = self._whole_cached(d)
             if m is None:
                 missing.append(d)
             else:
                 out[d] = m
         if missing:
-            load = self.checkpoints.load_manifest_sync
+            load = self.checkpoints.load_raw_sync
 
-            def run() -> list[Manifest]:
-                return [load(d) for d in missing]
+            def run() -> dict[bytes, Manifest]:
+                raw: dict[bytes, Manifest] = {}
+                for d in missing:
+                    top = raw[d] = load(d)
+                    for c in top.chunks:
+                        if c not in raw:
+                            raw[c] = load(c)
+                return raw
 
-            loaded = await trio.to_thread.run_sync(run, limiter=self.io.limiter)
-            for d, m in zip(missing, loaded, strict=True):
+            raw = await trio.to_thread.run_sync(run, limiter=self.io.limiter)
+            for d, m in raw.items():
                 self.checkpoints.remember(d, m)
-                out[d] = m
+            for d in missing:
+                out[d] = self._merge(d, raw[d], raw.__getitem__)
         return out
 
     async def _manifest(self, digest: bytes) -> Manifest:
         return (await self._manifests([digest]))[digest]
 
-    def _listing(self, digest: bytes, m: Manifest) -> tuple[list[bytes], int]:
-        """A directory manifest's names in byte order and its number of subdirectories."""
-        got = self._listings.get(digest)
-        if got is None:
-            names = sorted(m.entries)
-            got = (names, sum(1 for e in m.entries.values() if e.is_dir))
-            self._listings[digest] = got
-            while len(self._listings) > LISTING_CACHE:
-                self._listings.popitem(last=False)
-        else:
-            self._listings.move_to_end(digest)
+    def _whole_cached(self, digest: bytes) -> Manifest | None:
+        got = self._dirs.get(digest)
+        if got is not None:
+            self._dirs.move_to_end(digest)
+            return got[0]
+        top = self.checkpoints.cached_manifest(digest)
+        if top is None:
+            return None
+        pieces = {c: self.checkpoints.cached_manifest(c) for c in top.chunks}
+        if any(m is None for m in pieces.values()):
+            return None
+        return self._merge(digest, top, lambda c: pieces[c] or top)
+
+    def _merge(self, digest: bytes, top: Manifest, chunk: Callable[[bytes], Manifest]) -> Manifest:
+        """A stored manifest made whole; directories are kept (merged, with their sorted
+        names) for the lookups and readdirs that follow."""
+        if top.kind != "dir":
+            return top
+        m = top
+        if top.chunks:
+            entries: dict[bytes, Entry] = {}
+            for c in top.chunks:
+                entries.update(chunk(c).entries)
+            m = Manifest(top.kind, top.self_entry, entries, top.chunks)
+        self._keep(digest, m)
+        return m
+
+    def _keep(self, digest: bytes, m: Manifest) -> tuple[Manifest, list[bytes], int]:
+        got = (m, sorted(m.entries), sum(1 for e in m.entries.values() if e.is_dir))
+        self._dirs[digest] = got
+        while len(self._dirs) > DIR_CACHE:
+            self._dirs.popitem(last=False)
         return got
+
+    def _listing(self, digest: bytes, m: Manifest) -> tuple[list[bytes], int]:
+        """A whole directory manifest's names in byte order and its number of subdirectories."""
+        got = self._dirs.get(digest)
+        if got is None:
+            got = self._keep(digest, m)
+        else:
+            self._dirs.move_to_end(digest)
+        return got[1], got[2]
 
     # ---- the ways in ----------------------------------------------------------------------------
 
