@@ -399,6 +399,42 @@ def test_snapshots_name_is_reserved_in_the_workspace_root(ws: Path) -> None:
     assert sorted(os.listdir(snap)) == ["dir", "file"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")
+def test_other_users_see_the_recorded_permissions(ws: Path) -> None:
+    alice = 1000
+
+    def as_alice(script: str) -> subprocess.CompletedProcess[str]:
+        return mountutil.run_as(
+            alice, alice, ["sh", "-c", script], capture_output=True, text=True, cwd="/"
+        )
+
+    (ws / "secret").write_text("root only")
+    os.chmod(ws / "secret", 0o600)
+    (ws / "mine").write_text("alice's")
+    os.chown(ws / "mine", alice, alice)
+    # Whoever may write the workspace root (0777 here) may take checkpoints.
+    result = as_alice(f"mkdir '{ws}/.snapshots/by-alice'")
+    assert result.returncode == 0, result.stderr
+    snap = ws / SNAPSHOTS / "by-alice"
+    assert (snap / "mine").read_text() == "alice's"
+    # The snapshot's modes and owners apply: the kernel checks them.
+    result = as_alice(f"cat '{snap}/secret'")
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    result = as_alice(f"cat '{snap}/mine'")
+    assert result.returncode == 0 and result.stdout == "alice's"
+    # Her own file, writable by its mode, is still read-only in the snapshot.
+    result = as_alice(f"echo x >> '{snap}/mine'")
+    assert result.returncode != 0 and "Read-only file system" in result.stderr
+    # Once the workspace root is not hers to write, neither is .snapshots.
+    os.chmod(ws, 0o755)
+    assert stat.S_IMODE(os.stat(ws / SNAPSHOTS).st_mode) == 0o755
+    result = as_alice(f"mkdir '{ws}/.snapshots/again'")
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    result = as_alice(f"rmdir '{snap}'")
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    assert os.listdir(ws / SNAPSHOTS) == ["by-alice"]
+
+
 # ---- tools that walk trees -----------------------------------------------------------------------
 
 

@@ -18,7 +18,6 @@ import pyfuse3
 
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import Attr, AttrChanges, Caller
-from artifactfs.core.snapview import is_virtual
 from artifactfs.errors import FsError, NotFound
 from artifactfs.fuse.errno_map import errno_for
 
@@ -106,9 +105,9 @@ class FuseOperations(pyfuse3.Operations):
         try:
             return self._entry(await self.fs.lookup(parent_inode, name, _caller(ctx)))
         except NotFound:
-            if is_virtual(parent_inode):
-                # No negative entry under .snapshots: a checkpoint taken by another process
-                # (the CLI) must appear at once.
+            if self.fs.volatile(parent_inode):
+                # No negative entry in a listing of checkpoints: one taken by another process
+                # (the CLI) must appear at once. (A checkpoint's own tree never changes.)
                 raise
             # A negative entry (inode 0) lets the kernel cache "does not exist" for the entry
             # timeout; it drops it itself when a create or mkdir goes through this mount.
