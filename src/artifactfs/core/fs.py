@@ -5,6 +5,11 @@ inside workspaces. Each operation runs as one index transaction on the trio thre
 go through `FileData`/`BlockIO` (worker threads). Visibility and write access to grid places
 come from `policy.decide`, nowhere else.
 
+`.snapshots` (of workspace roots and scopes) is not in the index: its nodes have virtual
+inode numbers and each operation on one dispatches to `snapview.SnapView`. Every change under
+`.snapshots` is EROFS, except taking checkpoints (mkdir there, or a create in a blob's
+directory) and deleting them (rmdir, unlink).
+
 Must not: import pyfuse3, write SQL, or block the trio thread on hashing or blob I/O.
 """
 
