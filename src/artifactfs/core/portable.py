@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 import cbor2
 import trio
 
-from artifactfs.core.checkpoints import Checkpoints
+from artifactfs.core.checkpoints import Checkpoints, check_checkpoint_name
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.grid import (
     GridPath,
@@ -61,7 +61,14 @@ from artifactfs.core.grid import (
 from artifactfs.core.manifest import FILE, Entry, Manifest, ManifestError, decode
 from artifactfs.core.nodes import Caller
 from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_INODE, restore
-from artifactfs.errors import Corrupt, Exists, InvalidArgument, NotFound, StorageError
+from artifactfs.errors import (
+    Corrupt,
+    Exists,
+    FsError,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
 from artifactfs.index.db import CheckpointRow, NamespaceRow
 
 FORMAT = "artifactfs-checkpoint"
@@ -383,6 +390,10 @@ class _Reader:
             raise _damaged(self.path, f"the header lacks {exc}") from None
         if h.kind not in ("workspace", "blob") or len(h.root) != 32:
             raise _damaged(self.path, "the header is malformed")
+        try:
+            check_checkpoint_name(h.name)
+        except FsError:
+            raise _damaged(self.path, f"the checkpoint name {h.name!r} is not valid") from None
         self.items = 1
         return h
 
