@@ -31,6 +31,13 @@ TABLES = {
     "xattrs",
     "pending_blobs",
     "events",
+    # v2
+    "checkpoints",
+    "dir_manifests",
+    "dirty_dirs",
+    "building",
+    "changes",
+    "mounts",
 }
 D1, D2, D3 = (bytes([i]) * 32 for i in (1, 2, 3))
 
@@ -732,3 +739,34 @@ def test_invariant_queries_find_damage(index: Index) -> None:
     assert sorted(index.link_count_mismatches()) == [(r.id, 2, 3), (f.id, 1, 2)]
     assert index.dangling_dentries() == [(d.id, b"ghost", 9999)]
     assert index.unknown_block_digests() == [D2]
+
+
+def test_v1_data_survives_migration_and_is_tracked(db_path: Path) -> None:
+    """A store made by version 1 moves to version 2 with its data, and changes made after
+    the migration mark directories dirty (the v2 triggers apply to old rows too)."""
+    conn = raw(db_path)
+    try:
+        migrate(conn, target=1)
+        conn.execute(
+            "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, "
+            "btime_ns, namespace_id) VALUES (10, 3, 16877, 0, 0, 3, 1, 1, 1, 1, 7), "
+            "(11, 4, 16877, 0, 0, 2, 1, 1, 1, 1, 7), (12, 5, 33188, 0, 0, 1, 1, 1, 1, 1, 7)"
+        )
+        conn.execute(
+            "INSERT INTO dentries (parent, name, inode) VALUES (10, X'64', 11), (11, X'66', 12)"
+        )
+    finally:
+        conn.close()
+    ix = Index(db_path)
+    try:
+        assert ix.start_version == 1 and schema_version(ix.conn) == SCHEMA_VERSION
+        assert ix.children(10)[0][0] == b"d"
+        with ix.txn():
+            ix.set_clean(10, D1, 1, 0)
+            ix.set_clean(11, D2, 1, 0)
+        assert ix.dir_state(10) is not None and ix.dir_state(11) is not None
+        with ix.txn():
+            ix.touch_inode(12, mtime_ns=5, ctime_ns=5)
+        assert ix.dir_state(11) is None and ix.dir_state(10) is None
+    finally:
+        ix.close()
