@@ -293,7 +293,8 @@ def restore(
         return where, result.changed, result.mounts_acked
 
     where, changed, acked = run(store, go)
-    typer.echo(f"restored {where} to checkpoint {name}: {changed} changes")
+    plural = "" if changed == 1 else "s"
+    typer.echo(f"restored {where} to checkpoint {name}: {changed} change{plural}")
     if not acked:
         typer.echo(
             "warning: a running mount has not applied the restore yet; it will shortly",
