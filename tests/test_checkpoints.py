@@ -441,3 +441,16 @@ async def test_big_directory_is_chunked_and_shared(core: Core) -> None:
     assert read <= 2 + 6  # two tops and the chunks that differ
     await restore(cp, ns, first.root, actor="tester")
     assert await model(core) == before
+
+
+async def test_removing_a_namespace_removes_its_checkpoints(core: Core) -> None:
+    await core.write_file(f"{WS}/a", b"a")
+    cp, ns = ckpts(core), await namespace(core)
+    await cp.create(ns, "one", "tester")
+    await cp.create(ns, "two", "tester")
+    scope = await core.resolve("acme/shared")
+    await core.fs.unlink(await core.resolve(f"{WS}"), b"a", core.caller)
+    await core.fs.rmdir(scope, b"ws", core.caller)
+    assert cp.list(ns.id) == []
+    events = core.store.index.events(type_prefix="namespace.destroy")
+    assert events[-1].payload["checkpoints_deleted"] == ["one", "two"]

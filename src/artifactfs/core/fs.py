@@ -796,6 +796,10 @@ class FileSystem:
             return
         scope = self.index.scope_by_id(ns.scope_id)
         sb = self.index.sandbox_by_id(scope.sandbox_id) if scope else None
+        # Its checkpoints go with it (export one first to keep it); their manifests and
+        # blocks are left for gc.
+        doomed = [c.name for c in self.index.checkpoints_of(ns.id)]
+        self.index.delete_checkpoints_of(ns.id)
         self.index.delete_namespace(ns.id)
         self.index.append_event(
             "namespace.destroy",
@@ -805,6 +809,7 @@ class FileSystem:
                 "name": ns.name,
                 "scope": scope.name if scope else None,
                 "sandbox": sb.name if sb else None,
+                "checkpoints_deleted": doomed,
             },
             sb.name if sb else None,
         )
