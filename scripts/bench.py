@@ -41,6 +41,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_checkpoints  # a sibling script, not a package
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PASSTHROUGH = REPO_ROOT / "scripts" / "passthrough.py"
 ARTIFACTFS = os.environ.get("ARTIFACTFS", str(REPO_ROOT / ".venv" / "bin" / "artifactfs"))
@@ -572,6 +577,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", default="plain,passthrough,artifactfs",
                    help=f"comma-separated targets out of {','.join(TARGETS)}")
     p.add_argument("--json", type=Path, help="also write all runs and medians to this file")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="skip the checkpoint figures (scripts/bench_checkpoints.py) at the end")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the temp dir for all targets goes (default /var/tmp)")
     return p.parse_args(argv)
@@ -671,13 +678,24 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         for line in settings.get(t, []):
             print(f"  {line}")
+    checkpoints: dict[str, float] = {}
+    if not args.no_checkpoints:
+        # Checkpoint costs (issue 4), on the core of a fresh store: quick = 10k files.
+        files, dirs = (10_000, 100) if args.quick else (100_000, 1_000)
+        work = Path(tempfile.mkdtemp(prefix="artifactfs-ckbench-", dir=args.workdir))
+        try:
+            checkpoints = trio.run(bench_checkpoints.run, work, files, dirs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print()
+        print(bench_checkpoints.render(checkpoints, files, dirs))
     if args.json:
         args.json.write_text(json.dumps({
             "mode": mode, "repeat": repeat, "params": params.__dict__,
             "assets": {"tarball": assets.tarball_desc, "repo": assets.repo_desc},
             "settings": settings, "load": {"start": load_before, "end": load_note()},
             "metrics": [m.__dict__ for m in METRICS],
-            "runs": runs, "medians": medians,
+            "runs": runs, "medians": medians, "checkpoints": checkpoints,
         }, indent=2))
     return 0
 
