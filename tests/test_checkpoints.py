@@ -454,3 +454,29 @@ async def test_removing_a_namespace_removes_its_checkpoints(core: Core) -> None:
     assert cp.list(ns.id) == []
     events = core.store.index.events(type_prefix="namespace.destroy")
     assert events[-1].payload["checkpoints_deleted"] == ["one", "two"]
+
+
+async def test_one_change_in_ten_thousand_files_writes_only_its_path(core: Core) -> None:
+    """10,000 files in 10 x 10 directories of 100 files; one deep change rewrites only
+    the manifests on its path: the root, the middle directory, and the leaf directory's
+    top manifest and the one chunk holding the file."""
+    ws = await core.resolve(WS)
+    leaves = []
+    for a in range(10):
+        mid = (await core.fs.mkdir(ws, f"m{a}".encode(), 0o755, core.caller)).ino
+        for b in range(10):
+            leaf = (await core.fs.mkdir(mid, f"l{b}".encode(), 0o755, core.caller)).ino
+            leaves.append(leaf)
+            for i in range(100):
+                fh, _ = await core.fs.create(leaf, f"f{i}".encode(), 0o644, os.O_WRONLY, core.caller)
+                await core.fs.release(fh)
+    cp, ns = ckpts(core), await namespace(core)
+    first = await cp.create(ns, "first", "tester")
+    assert first.files == 10_000
+    await core.write_file(f"{WS}/m7/l3/f42", b"the one change")
+    second = await cp.create(ns, "second", "tester")
+    payload = core.store.index.events(type_prefix="checkpoint.create")[-1].payload
+    assert payload["manifests_written"] == 4
+    assert second.manifest_bytes < first.manifest_bytes / 100
+    changes = await diff(cp, ns, first.root, second.root)
+    assert [(c.path, c.kind) for c in changes] == [("m7/l3/f42", "modified")]
