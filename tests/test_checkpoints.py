@@ -468,7 +468,8 @@ async def test_one_change_in_ten_thousand_files_writes_only_its_path(core: Core)
             leaf = (await core.fs.mkdir(mid, f"l{b}".encode(), 0o755, core.caller)).ino
             leaves.append(leaf)
             for i in range(100):
-                fh, _ = await core.fs.create(leaf, f"f{i}".encode(), 0o644, os.O_WRONLY, core.caller)
+                name = f"f{i}".encode()
+                fh, _ = await core.fs.create(leaf, name, 0o644, os.O_WRONLY, core.caller)
                 await core.fs.release(fh)
     cp, ns = ckpts(core), await namespace(core)
     first = await cp.create(ns, "first", "tester")
