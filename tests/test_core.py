@@ -203,6 +203,7 @@ async def test_namespace_events(core: Core) -> None:
         "name": "ws",
         "scope": "shared",
         "sandbox": "acme",
+        "checkpoints_deleted": [],
     }
 
 
