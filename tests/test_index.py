@@ -38,6 +38,8 @@ TABLES = {
     "building",
     "changes",
     "mounts",
+    # v3
+    "credentials",
 }
 D1, D2, D3 = (bytes([i]) * 32 for i in (1, 2, 3))
 

@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Callable
 
 from artifactfs.errors import StoreTooNew
-from artifactfs.index.schema import SCHEMA_V1, SCHEMA_V2, SCHEMA_VERSION
+from artifactfs.index.schema import SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_VERSION
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -33,10 +33,15 @@ def _to_v2(conn: sqlite3.Connection) -> None:
     _run_script(conn, SCHEMA_V2)
 
 
+def _to_v3(conn: sqlite3.Connection) -> None:
+    _run_script(conn, SCHEMA_V3)
+
+
 # MIGRATIONS[n] moves a database from version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _to_v1,
     1: _to_v2,
+    2: _to_v3,
 }
 
 

@@ -17,7 +17,7 @@ Node kinds (`inodes.kind`):
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1, as created by the first migration. Later versions change it only through
 # migrations; this text stays the record of version 1.
@@ -296,6 +296,31 @@ CREATE TABLE mounts (
     started_ns INTEGER NOT NULL,
     seen_seq   INTEGER NOT NULL
 );
+"""
+
+# Version 3: credentials, and the upload state of blobs for remote (S3) stores.
+SCHEMA_V3 = """
+-- Credentials issued for this store. The signed token is never stored (nor logged): only
+-- what it grants and whether it was revoked. `id` is the token's jti.
+CREATE TABLE credentials (
+    id         TEXT PRIMARY KEY,
+    sandbox    TEXT NOT NULL,
+    user       TEXT NOT NULL,
+    session    TEXT NOT NULL,
+    grants     BLOB NOT NULL,               -- CBOR map, e.g. {"shared": "ro", "user": "rw"}
+    issued_ns  INTEGER NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    revoked_ns INTEGER,
+    issuer     TEXT NOT NULL
+);
+
+-- A mount made with a credential records its id (NULL: the administrative view).
+ALTER TABLE mounts ADD COLUMN credential TEXT;
+
+-- Remote stores: 0 while a blob is only in the local cache (the persistent upload queue),
+-- 1 once it is safely in the bucket. Local stores write 1 (nothing to upload).
+ALTER TABLE blobs ADD COLUMN uploaded INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX blobs_to_upload ON blobs(created_ns) WHERE uploaded = 0;
 """
 
 # Invariants (checked by tests after every core operation, and later by fsck):
