@@ -9,11 +9,9 @@ A namespace is named by its grid path (`acme/user-alice/proj`) or by its id (the
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
-import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,19 +19,15 @@ from typing import Annotated, Any, TypeVar
 import trio
 import typer
 
-from artifactfs.cli.common import StoreOption, resolve_store
-from artifactfs.core.blockio import BlockIO
-from artifactfs.core.checkpoints import Checkpoints
+from artifactfs.cli.common import StoreOption
+from artifactfs.cli.session import Session, actor, human, run, when
 from artifactfs.core.diff import diff as diff_trees
-from artifactfs.core.fs import FileSystem
-from artifactfs.core.grid import find_namespace, grid_path_of, parse_grid_path
-from artifactfs.core.nodes import Caller
+from artifactfs.core.grid import parse_grid_path
 from artifactfs.core.portable import export_checkpoint, import_checkpoint
 from artifactfs.core.restore import restore as restore_tree
 from artifactfs.core.verify import verify_tree
-from artifactfs.errors import ArtifactFsError, Exists, InvalidName, NotFound, StoreMissing
-from artifactfs.index.db import CheckpointRow, NamespaceRow
-from artifactfs.store import Store, is_store
+from artifactfs.errors import ArtifactFsError, Exists, InvalidName
+from artifactfs.index.db import CheckpointRow
 
 app = typer.Typer(
     name="checkpoint",
@@ -68,71 +62,6 @@ class VerifyFailed(ArtifactFsError):
 
 
 # ---- shared plumbing ---------------------------------------------------------------------------
-
-
-class Session:
-    """An open store with the core objects a checkpoint command needs (no daemon, no nursery:
-    FileSystem.start would reclaim unlinked inodes a running mount may still hold open)."""
-
-    def __init__(self, store: Path | None) -> None:
-        path = resolve_store(store)
-        if not is_store(path):
-            raise StoreMissing(
-                f"no artifactfs store at {path}: pass --store, or run `artifactfs init {path}`"
-            )
-        self.store = Store(path)
-        self.io = BlockIO(self.store.backend, block_size=self.store.config.block_size)
-        # Small blocks a mount has committed but not stored yet are read from its journal.
-        for digest, data in self.store.index.pending_blobs():
-            self.io.pending[digest] = data
-        self.fs = FileSystem(self.store.index, self.io)
-        self.cp: Checkpoints = self.fs.checkpoints
-        self.caller = Caller(uid=os.getuid(), gid=os.getgid())
-
-    def namespace(self, ref: str) -> tuple[NamespaceRow, str]:
-        ns = find_namespace(self.store.index, ref)
-        return ns, grid_path_of(self.store.index, ns)
-
-    def checkpoint(self, ns: NamespaceRow, where: str, name: str) -> CheckpointRow:
-        try:
-            return self.cp.get(ns.id, name)
-        except NotFound:
-            raise NotFound(
-                f"no checkpoint {name!r} in {where}: see `artifactfs checkpoint list {where}`"
-            ) from None
-
-    def close(self) -> None:
-        self.fs.forget(list(self.fs.lookups.items()))
-        self.cp.close()
-        self.store.close()
-
-
-def run(store: Path | None, fn: Callable[[Session], Awaitable[T]]) -> T:
-    session = Session(store)
-    try:
-        return trio.run(fn, session)
-    finally:
-        session.close()
-
-
-def actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return f"cli:uid {os.getuid()}"
-
-
-def when(time_ns: int) -> str:
-    return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 @contextlib.contextmanager
