@@ -7,6 +7,7 @@ import sys
 import typer
 
 from artifactfs.cli.checkpoint_cmd import app as checkpoint_app
+from artifactfs.cli.credential_cmd import app as credential_app
 from artifactfs.cli.init_cmd import init
 from artifactfs.cli.mount_cmd import mount
 from artifactfs.cli.umount_cmd import umount
@@ -23,6 +24,7 @@ app.command()(init)
 app.command()(mount)
 app.command()(umount)
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(credential_app, name="credential")
 
 
 def main() -> None:

@@ -16,9 +16,10 @@ import typer
 
 from artifactfs.cli import mounts
 from artifactfs.cli.common import resolve_store, setup_logging
+from artifactfs.credentials import authenticate, read_credential_file
 from artifactfs.errors import MountError, StoreMissing
 from artifactfs.fuse.daemon import MountSettings, serve
-from artifactfs.store import default_store_path, init_store, is_store
+from artifactfs.store import Store, default_store_path, init_store, is_store
 
 READY_TIMEOUT = 60.0
 
@@ -64,6 +65,13 @@ def mount(
     attr_timeout: Annotated[
         float, typer.Option(help="Seconds the kernel may cache attributes and entries.")
     ] = 5.0,
+    credential: Annotated[
+        Path | None,
+        typer.Option(
+            "--credential",
+            help="Mount with this credential file: only its sandbox, user and session appear.",
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option(help="Log every request.")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -83,6 +91,10 @@ def mount(
         else:
             raise StoreMissing(f"no artifactfs store at {path}: run `artifactfs init {path}`")
     opts = [o for group in (options or []) for o in group.split(",") if o]
+    token = None
+    if credential is not None:
+        token = read_credential_file(credential)
+        _check_credential(path, token)  # refused here, in one line, before any daemon
     if ready_fd is None:
         check_mountpoint(mnt, create=mountpoint is None)
     settings = MountSettings(
@@ -91,6 +103,7 @@ def mount(
         fuse_options=opts,
         entry_timeout=attr_timeout,
         attr_timeout=attr_timeout,
+        credential_token=token,
     )
     if foreground:
         setup_logging(debug)
@@ -101,10 +114,25 @@ def mount(
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mnt}: {exc}") from None
         return
-    _spawn(path, mnt, opts, attr_timeout, debug)
+    _spawn(path, mnt, opts, attr_timeout, debug, credential)
 
 
-def _spawn(path: Path, mnt: Path, opts: list[str], attr_timeout: float, debug: bool) -> None:
+def _check_credential(path: Path, token: str) -> None:
+    store = Store(path)
+    try:
+        authenticate(path, store.config.store_id, store.index, token)
+    finally:
+        store.close()
+
+
+def _spawn(
+    path: Path,
+    mnt: Path,
+    opts: list[str],
+    attr_timeout: float,
+    debug: bool,
+    credential: Path | None,
+) -> None:
     log_path = path / "logs" / f"mount-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
@@ -123,6 +151,8 @@ def _spawn(path: Path, mnt: Path, opts: list[str], attr_timeout: float, debug: b
     ]
     if debug:
         argv.append("--debug")
+    if credential is not None:
+        argv += ["--credential", str(credential.absolute())]
     for o in opts:
         argv += ["-o", o]
     with open(log_path, "ab") as log_file:

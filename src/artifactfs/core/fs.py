@@ -110,8 +110,9 @@ class FileSystem:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Attach to the nursery that runs background stores; reclaim what a crash left."""
+    def start(self, nursery: trio.Nursery, *, reclaim_orphans: bool = True) -> None:
+        """Attach to the nursery that runs background stores; reclaim what a crash left
+        (not the unlinked inodes when another mount of the store runs: it may hold them)."""
         self._nursery = nursery
         # Small blocks journalled before a crash: served from memory and stored by the mover.
         recovered = self.index.pending_blobs()
@@ -121,7 +122,7 @@ class FileSystem:
         if recovered:
             log.info("storing %d journalled blocks left by an earlier run", len(recovered))
         nursery.start_soon(self._mover)
-        orphans = self.index.unlinked_inodes()
+        orphans = self.index.unlinked_inodes() if reclaim_orphans else []
         if orphans:
             with self.index.txn():
                 for ino in orphans:
@@ -229,7 +230,13 @@ class FileSystem:
         if scope is None:
             return Place(sandbox="?", scope_kind="?")
         sb = self.index.sandbox_by_id(scope.sandbox_id)
-        return Place(sandbox=sb.name if sb else "?", scope_kind=scope.kind, scope_owner=scope.owner)
+        expired = scope.expires_ns is not None and scope.expires_ns <= time.time_ns()
+        return Place(
+            sandbox=sb.name if sb else "?",
+            scope_kind=scope.kind,
+            scope_owner=scope.owner,
+            expired=expired,
+        )
 
     def _require(self, op: Op, row: InodeRow) -> None:
         if self.view.is_admin:
@@ -1054,6 +1061,9 @@ class FileSystem:
         assert data is not None
         if h.flags & os.O_ACCMODE == os.O_RDONLY:
             raise BadHandle("file is open read-only")
+        if not self.view.writable:
+            # The credential expired or was revoked: no more writes, even through open files.
+            raise AccessDenied("this mount's credential no longer allows writes")
         if h.flags & os.O_APPEND:
             off = data.size
         if off + len(buf) > MAX_FILE_SIZE:

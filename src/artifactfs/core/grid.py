@@ -86,7 +86,8 @@ def namespace_at(index: Index, path: GridPath) -> NamespaceRow | None:
         return None
 
 
-async def _dir(fs: FileSystem, parent: int, name: str, caller: Caller) -> int:
+async def ensure_dir(fs: FileSystem, parent: int, name: str, caller: Caller) -> int:
+    """The inode of directory `name` in `parent`, made (as by mkdir) if missing."""
     raw = name.encode("utf-8", errors="surrogateescape")
     child = fs.index.lookup_child(parent, raw)
     if child is not None:
@@ -111,7 +112,7 @@ async def create_namespace(
     parent = ROOT_INODE
     for name in (path.sandbox, path.scope):
         existed = fs.index.lookup_child(parent, name.encode("utf-8", errors="surrogateescape"))
-        parent = await _dir(fs, parent, name, caller)
+        parent = await ensure_dir(fs, parent, name, caller)
         if existed is None:
             created.append(parent)
     raw = path.name.encode("utf-8", errors="surrogateescape")

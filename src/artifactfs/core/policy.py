@@ -33,6 +33,7 @@ class Place:
     sandbox: str | None = None
     scope_kind: str | None = None  # 'shared' | 'user' | 'session'
     scope_owner: str = ""
+    expired: bool = False  # a session scope past its expiry (gc reclaims it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ def decide(view: View, op: Op, place: Place) -> Decision:
         or (place.scope_kind == "user" and place.scope_owner == view.user)
         or (place.scope_kind == "session" and place.scope_owner == view.session)
     )
-    if not mine:
+    if not mine or place.expired:
         return Decision.HIDDEN
     if op is Op.SEE:
         return Decision.ALLOW

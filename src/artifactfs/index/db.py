@@ -108,6 +108,30 @@ class DirState:
 
 
 @dataclass(slots=True)
+class CredentialRow:
+    id: str
+    sandbox: str
+    user: str
+    session: str
+    grants: dict[str, str]
+    issued_ns: int
+    expires_ns: int
+    revoked_ns: int | None
+    issuer: str
+
+
+CREDENTIAL_COLUMNS = (
+    "id, sandbox, user, session, grants, issued_ns, expires_ns, revoked_ns, issuer"
+)
+
+
+def _credential(row: tuple[Any, ...]) -> CredentialRow:
+    r = list(row)
+    r[4] = cbor2.loads(r[4])
+    return CredentialRow(*r)
+
+
+@dataclass(slots=True)
 class MountRow:
     id: int
     pid: int
@@ -978,20 +1002,52 @@ class Index:
         return 0 if row is None else int(row[0])
 
     def changes_after(
-        self, seq: int, limit: int = 10000
+        self, seq: int, limit: int = 10000, *, skip_origin: int | None = None
     ) -> list[tuple[int, int, int, bytes | None]]:
+        """Change-feed rows after `seq`, without those `skip_origin` wrote itself."""
         return [
             (s, k, i, None if n is None else bytes(n))
             for s, k, i, n in self.conn.execute(
-                "SELECT seq, kind, ino, name FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit),
+                "SELECT seq, kind, ino, name FROM changes WHERE seq > ? "
+                "AND origin IS NOT ? ORDER BY seq LIMIT ?",
+                (seq, skip_origin if skip_origin is not None else -1, limit),
             )
         ]
 
-    def register_mount(self, pid: int, mountpoint: str, seen_seq: int) -> int:
+    def publish_changes(self, origin: int) -> None:
+        """Make this connection record every change it makes in the feed, tagged `origin`,
+        while other mounts of the store are registered (TEMP triggers: this connection
+        only). The feed is what other daemons follow to drop their kernel caches."""
+        origin = int(origin)
+        others = f"EXISTS (SELECT 1 FROM main.mounts WHERE id != {origin})"
+        now_ns = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1000000"
+        insert = "INSERT INTO changes (time_ns, kind, ino, name, origin) VALUES"
+        for name, event, rows in (
+            ("pub_dentry_insert", "AFTER INSERT ON main.dentries", ["0, NEW.parent, NEW.name"]),
+            ("pub_dentry_delete", "AFTER DELETE ON main.dentries", ["0, OLD.parent, OLD.name"]),
+            (
+                "pub_dentry_update",
+                "AFTER UPDATE ON main.dentries",
+                ["0, OLD.parent, OLD.name", "0, NEW.parent, NEW.name"],
+            ),
+            ("pub_inode_update", "AFTER UPDATE ON main.inodes", ["1, NEW.id, NULL"]),
+            ("pub_xattr_insert", "AFTER INSERT ON main.xattrs", ["1, NEW.inode, NULL"]),
+            ("pub_xattr_delete", "AFTER DELETE ON main.xattrs", ["1, OLD.inode, NULL"]),
+        ):
+            values = ", ".join(f"({now_ns}, {r}, {origin})" for r in rows)
+            self.conn.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
+            self.conn.execute(
+                f"CREATE TEMP TRIGGER {name} {event} WHEN {others} "
+                f"BEGIN {insert} {values}; END"
+            )
+
+    def register_mount(
+        self, pid: int, mountpoint: str, seen_seq: int, credential: str | None = None
+    ) -> int:
         cur = self.conn.execute(
-            "INSERT INTO mounts (pid, mountpoint, started_ns, seen_seq) VALUES (?, ?, ?, ?)",
-            (pid, mountpoint, time.time_ns(), seen_seq),
+            "INSERT INTO mounts (pid, mountpoint, started_ns, seen_seq, credential) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (pid, mountpoint, time.time_ns(), seen_seq, credential),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -1002,6 +1058,12 @@ class Index:
     def unregister_mount(self, mount_id: int) -> None:
         self.conn.execute("DELETE FROM mounts WHERE id = ?", (mount_id,))
 
+    def drop_dead_mounts(self) -> int:
+        """Forget registrations of daemons that died without unregistering."""
+        dead = [m.id for m in self.mounts() if not _pid_alive(m.pid)]
+        self.conn.executemany("DELETE FROM mounts WHERE id = ?", ((i,) for i in dead))
+        return len(dead)
+
     def mounts(self) -> list[MountRow]:
         return [
             MountRow(*r)
@@ -1009,6 +1071,67 @@ class Index:
                 "SELECT id, pid, mountpoint, started_ns, seen_seq FROM mounts ORDER BY id"
             )
         ]
+
+    # ---- credentials ---------------------------------------------------------------------------
+
+    def insert_credential(
+        self,
+        cred_id: str,
+        sandbox: str,
+        user: str,
+        session: str,
+        grants: dict[str, str],
+        issued_ns: int,
+        expires_ns: int,
+        issuer: str,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO credentials (id, sandbox, user, session, grants, issued_ns, expires_ns, "
+            "issuer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (cred_id, sandbox, user, session, cbor2.dumps(grants), issued_ns, expires_ns, issuer),
+        )
+
+    def credential(self, cred_id: str) -> CredentialRow | None:
+        row = self.conn.execute(
+            f"SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?", (cred_id,)
+        ).fetchone()
+        return None if row is None else _credential(row)
+
+    def credentials(self) -> list[CredentialRow]:
+        return [
+            _credential(r)
+            for r in self.conn.execute(
+                f"SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY issued_ns, id"
+            )
+        ]
+
+    def revoke_credential(self, cred_id: str, when_ns: int) -> bool:
+        cur = self.conn.execute(
+            "UPDATE credentials SET revoked_ns = ? WHERE id = ? AND revoked_ns IS NULL",
+            (when_ns, cred_id),
+        )
+        return cur.rowcount > 0
+
+    def extend_scope_expiry(self, scope_id: int, expires_ns: int) -> None:
+        """A session scope lives as long as its longest credential."""
+        self.conn.execute(
+            "UPDATE scopes SET expires_ns = max(coalesce(expires_ns, 0), ?) WHERE id = ?",
+            (expires_ns, scope_id),
+        )
+
+    def sandbox_by_name(self, name: str) -> SandboxRow | None:
+        row = self.conn.execute(
+            "SELECT id, name, inode, created_ns FROM sandboxes WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else SandboxRow(*row)
+
+    def scope_by_name(self, sandbox_id: int, name: str) -> ScopeRow | None:
+        row = self.conn.execute(
+            "SELECT id, sandbox_id, kind, owner, name, inode, created_ns, expires_ns "
+            "FROM scopes WHERE sandbox_id = ? AND name = ?",
+            (sandbox_id, name),
+        ).fetchone()
+        return None if row is None else ScopeRow(*row)
 
     # ---- integrity (tests and fsck) -----------------------------------------------------------
 
@@ -1052,3 +1175,244 @@ class Index:
             (public_id,),
         ).fetchone()
         return None if row is None else NamespaceRow(*row)
+
+    # ---- operations (gc, fsck, stats, log) ----
+    # Whole-store queries of the maintenance commands. gc and fsck read these inside one read
+    # transaction (`read_txn`) on a connection of their own, so every list is one snapshot.
+
+    def ops_block_digests(self) -> set[bytes]:
+        """Every digest a live block map names (open-unlinked files included)."""
+        return {bytes(r[0]) for r in self.conn.execute("SELECT DISTINCT digest FROM blocks")}
+
+    def ops_pending_digests(self) -> set[bytes]:
+        return {bytes(r[0]) for r in self.conn.execute("SELECT digest FROM pending_blobs")}
+
+    def ops_blob_rows(self) -> dict[bytes, tuple[int, int]]:
+        """digest -> (size, created_ns) of every row of `blobs`."""
+        return {
+            bytes(d): (int(s), int(c))
+            for d, s, c in self.conn.execute("SELECT digest, size, created_ns FROM blobs")
+        }
+
+    def ops_clean_dir_digests(self) -> set[bytes]:
+        """Manifest digests of clean directories: the next checkpoint reuses them unread."""
+        return {
+            bytes(r[0])
+            for r in self.conn.execute(
+                "SELECT digest FROM dir_manifests m "
+                "WHERE NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = m.inode)"
+            )
+        }
+
+    def ops_checkpoints(self) -> list[CheckpointRow]:
+        return [
+            _checkpoint(r)
+            for r in self.conn.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY id")
+        ]
+
+    def ops_building(self) -> list[tuple[int, int]]:
+        """(pid, started_ns) of checkpoint builds announced and not yet recorded."""
+        rows = self.conn.execute("SELECT pid, started_ns FROM building")
+        return [(int(p), int(s)) for p, s in rows]
+
+    def ops_referenced_or_young(self, digests: list[bytes], young_after_ns: int) -> set[bytes]:
+        """Those of `digests` that a block map, the journal or a clean directory names now,
+        or whose `blobs` row was written after `young_after_ns` (gc's re-check)."""
+        out: set[bytes] = set()
+        for i in range(0, len(digests), 500):
+            part = digests[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            sql = (
+                f"SELECT digest FROM blocks WHERE digest IN ({marks}) "
+                f"UNION SELECT digest FROM pending_blobs WHERE digest IN ({marks}) "
+                f"UNION SELECT digest FROM blobs WHERE digest IN ({marks}) AND created_ns > ? "
+                f"UNION SELECT m.digest FROM dir_manifests m WHERE m.digest IN ({marks}) "
+                "AND NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = m.inode)"
+            )
+            args = [*part, *part, *part, young_after_ns, *part]
+            out.update(bytes(r[0]) for r in self.conn.execute(sql, args))
+        return out
+
+    def ops_delete_blob_rows(self, digests: Iterable[bytes]) -> None:
+        self.conn.executemany("DELETE FROM blobs WHERE digest = ?", ((d,) for d in digests))
+
+    def ops_expired_sessions(self, now_ns: int) -> list[tuple[ScopeRow, str]]:
+        """Session scopes whose lifetime ended before `now_ns`, with their sandbox's name."""
+        rows = self.conn.execute(
+            "SELECT s.id, s.sandbox_id, s.kind, s.owner, s.name, s.inode, s.created_ns, "
+            "s.expires_ns, b.name FROM scopes s JOIN sandboxes b ON b.id = s.sandbox_id "
+            "WHERE s.kind = 'session' AND s.expires_ns IS NOT NULL AND s.expires_ns < ? "
+            "ORDER BY b.name, s.name",
+            (now_ns,),
+        ).fetchall()
+        return [(ScopeRow(*r[:8]), str(r[8])) for r in rows]
+
+    # fsck
+
+    def ops_orphan_rows(self) -> dict[str, list[int]]:
+        """Inodes named by rows of blocks/xattrs/symlinks/dir_manifests/dirty_dirs that do
+        not exist."""
+        out: dict[str, list[int]] = {}
+        for table in ("blocks", "xattrs", "symlinks", "dir_manifests", "dirty_dirs"):
+            inos = [
+                int(r[0])
+                for r in self.conn.execute(
+                    f"SELECT DISTINCT t.inode FROM {table} t "
+                    "WHERE NOT EXISTS (SELECT 1 FROM inodes i WHERE i.id = t.inode)"
+                )
+            ]
+            if inos:
+                out[table] = inos
+        return out
+
+    def ops_delete_orphan_rows(self, table: str, inodes: Iterable[int]) -> None:
+        if table not in ("blocks", "xattrs", "symlinks", "dir_manifests", "dirty_dirs"):
+            raise ValueError(table)
+        self.conn.executemany(
+            f"DELETE FROM {table} WHERE inode = ? "
+            "AND NOT EXISTS (SELECT 1 FROM inodes i WHERE i.id = ?)",
+            ((i, i) for i in inodes),
+        )
+
+    def ops_set_nlink(self, ino: int, nlink: int) -> None:
+        self.conn.execute("UPDATE inodes SET nlink = ? WHERE id = ?", (nlink, ino))
+
+    def ops_remove_dentry_exact(self, parent: int, name: bytes, ino: int) -> None:
+        self.conn.execute(
+            "DELETE FROM dentries WHERE parent = ? AND name = ? AND inode = ?", (parent, name, ino)
+        )
+
+    def ops_unnamed_live_inodes(self) -> list[tuple[int, int]]:
+        """(inode, kind) of inodes other than the root with nlink > 0 and no name."""
+        return [
+            (int(i), int(k))
+            for i, k in self.conn.execute(
+                "SELECT i.id, i.kind FROM inodes i WHERE i.id != 1 AND i.nlink > 0 "
+                "AND NOT EXISTS (SELECT 1 FROM dentries d WHERE d.inode = i.id)"
+            )
+        ]
+
+    def ops_grid_rows_without_inode(self) -> list[tuple[str, str, int]]:
+        """(table, name, missing inode) for sandboxes, scopes and namespaces whose inode is
+        gone."""
+        out: list[tuple[str, str, int]] = []
+        for table, col, name in (
+            ("sandboxes", "inode", "name"),
+            ("scopes", "inode", "name"),
+            ("namespaces", "root_inode", "name"),
+        ):
+            for n, ino in self.conn.execute(
+                f"SELECT t.{name}, t.{col} FROM {table} t "
+                f"WHERE NOT EXISTS (SELECT 1 FROM inodes i WHERE i.id = t.{col})"
+            ):
+                out.append((table, str(n), int(ino)))
+        return out
+
+    def ops_inodes_using(self, digests: Iterable[bytes]) -> dict[bytes, list[int]]:
+        """digest -> the inodes whose block maps name it."""
+        out: dict[bytes, list[int]] = {}
+        for d in digests:
+            inos = [
+                int(r[0])
+                for r in self.conn.execute(
+                    "SELECT DISTINCT inode FROM blocks WHERE digest = ? ORDER BY inode", (d,)
+                )
+            ]
+            if inos:
+                out[d] = inos
+        return out
+
+    def ops_count_unlinked(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM inodes WHERE nlink = 0").fetchone()[0])
+
+    # stats
+
+    def ops_namespace_counts(self) -> list[tuple[str, str, str, int, int]]:
+        """(sandbox, scope, scope kind, workspaces, blob namespaces) per scope."""
+        return [
+            (str(a), str(b), str(c), int(w), int(n))
+            for a, b, c, w, n in self.conn.execute(
+                "SELECT b.name, s.name, s.kind, "
+                "coalesce(sum(n.kind = 'workspace'), 0), coalesce(sum(n.kind = 'blob'), 0) "
+                "FROM scopes s JOIN sandboxes b ON b.id = s.sandbox_id "
+                "LEFT JOIN namespaces n ON n.scope_id = s.id "
+                "GROUP BY s.id ORDER BY b.name, s.name"
+            )
+        ]
+
+    def ops_file_totals(self) -> tuple[int, int]:
+        """(linked regular files, their logical bytes)."""
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE kind = 5 AND nlink > 0"
+        ).fetchone()
+        return int(n), int(total)
+
+    def ops_unique_block_totals(self) -> tuple[int, int]:
+        """(distinct blocks live files use, their stored bytes)."""
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(o.size), 0) FROM "
+            "(SELECT DISTINCT digest FROM blocks) b JOIN blobs o ON o.digest = b.digest"
+        ).fetchone()
+        return int(n), int(total)
+
+    def ops_checkpoint_totals(self) -> tuple[int, int, int]:
+        """(checkpoints, logical bytes they capture, manifest bytes they wrote)."""
+        n, b, m = self.conn.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(manifest_bytes), 0) "
+            "FROM checkpoints"
+        ).fetchone()
+        return int(n), int(b), int(m)
+
+    def ops_pending_totals(self) -> tuple[int, int]:
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM pending_blobs"
+        ).fetchone()
+        return int(n), int(total)
+
+    def ops_upload_queue(self) -> tuple[int, int]:
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs WHERE uploaded = 0"
+        ).fetchone()
+        return int(n), int(total)
+
+    def ops_mounts(self) -> list[tuple[int, str, int, str | None]]:
+        """(pid, mountpoint, started_ns, credential id) of registered mounts."""
+        return [
+            (int(p), str(m), int(s), None if c is None else str(c))
+            for p, m, s, c in self.conn.execute(
+                "SELECT pid, mountpoint, started_ns, credential FROM mounts ORDER BY id"
+            )
+        ]
+
+    # log
+
+    def ops_events(
+        self,
+        *,
+        after: int = 0,
+        type_prefix: str | None = None,
+        sandbox: str | None = None,
+        since_ns: int | None = None,
+        limit: int = 1000,
+    ) -> list[EventRow]:
+        """Events after seq `after`, oldest first, filtered (type by prefix: substr, so '_'
+        and '%' are literal)."""
+        sql = "SELECT seq, time_ns, type, sandbox, payload FROM events WHERE seq > ?"
+        args: list[Any] = [after]
+        if type_prefix:
+            sql += " AND substr(type, 1, ?) = ?"
+            args += [len(type_prefix), type_prefix]
+        if sandbox is not None:
+            sql += " AND sandbox = ?"
+            args.append(sandbox)
+        if since_ns is not None:
+            sql += " AND time_ns >= ?"
+            args.append(since_ns)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [
+            EventRow(r[0], r[1], r[2], r[3], cbor2.loads(r[4]))
+            for r in self.conn.execute(sql, args)
+        ]
+
+    # ---- end of operations (gc, fsck, stats, log) ----

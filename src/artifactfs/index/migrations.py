@@ -9,7 +9,13 @@ import sqlite3
 from collections.abc import Callable
 
 from artifactfs.errors import StoreTooNew
-from artifactfs.index.schema import SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_VERSION
+from artifactfs.index.schema import (
+    SCHEMA_V1,
+    SCHEMA_V2,
+    SCHEMA_V3,
+    SCHEMA_V4,
+    SCHEMA_VERSION,
+)
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -37,11 +43,16 @@ def _to_v3(conn: sqlite3.Connection) -> None:
     _run_script(conn, SCHEMA_V3)
 
 
+def _to_v4(conn: sqlite3.Connection) -> None:
+    _run_script(conn, SCHEMA_V4)
+
+
 # MIGRATIONS[n] moves a database from version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _to_v1,
     1: _to_v2,
     2: _to_v3,
+    3: _to_v4,
 }
 
 

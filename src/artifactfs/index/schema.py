@@ -17,7 +17,7 @@ Node kinds (`inodes.kind`):
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1, as created by the first migration. Later versions change it only through
 # migrations; this text stays the record of version 1.
@@ -321,6 +321,16 @@ ALTER TABLE mounts ADD COLUMN credential TEXT;
 -- 1 once it is safely in the bucket. Local stores write 1 (nothing to upload).
 ALTER TABLE blobs ADD COLUMN uploaded INTEGER NOT NULL DEFAULT 1;
 CREATE INDEX blobs_to_upload ON blobs(created_ns) WHERE uploaded = 0;
+"""
+
+# Version 4: many mounts of one store.
+SCHEMA_V4 = """
+-- Which mount (mounts.id) wrote a change-feed row; NULL for other processes (the CLI).
+-- While several mounts serve one store, each daemon's connection publishes its own changes
+-- through TEMP triggers (Index.publish_changes) and skips its own rows when following the
+-- feed (fuse/changes.py).
+ALTER TABLE changes ADD COLUMN origin INTEGER;
+CREATE INDEX changes_by_time ON changes(time_ns);
 """
 
 # Invariants (checked by tests after every core operation, and later by fsck):
