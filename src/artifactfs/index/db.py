@@ -689,9 +689,11 @@ class Index:
         )
 
     def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
+        # A remote store's new blobs are only in the local cache: uploaded = 0 queues them.
+        up = 0 if self.remote else 1
         self.conn.executemany(
-            "INSERT OR IGNORE INTO blobs (digest, size, created_ns) VALUES (?, ?, ?)",
-            ((d, s, time_ns) for d, s in blobs),
+            "INSERT OR IGNORE INTO blobs (digest, size, created_ns, uploaded) VALUES (?, ?, ?, ?)",
+            ((d, s, time_ns, up) for d, s in blobs),
         )
 
     def add_pending_blobs(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
@@ -1416,3 +1418,67 @@ class Index:
         ]
 
     # ---- end of operations (gc, fsck, stats, log) ----
+
+    # ---- remote stores (uploads) ----
+    # The upload queue of a remote store is `blobs WHERE uploaded = 0` (schema v3): rows are
+    # written with the commit that first references a blob, so the queue survives kill -9.
+
+    # Set by Store for a remote (S3) store: record_blobs then queues new blobs for upload.
+    remote: bool = False
+
+    def upload_queue(self, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` (digest, size) of blobs not yet uploaded, oldest first."""
+        return [
+            (bytes(d), int(s))
+            for d, s in self.conn.execute(
+                "SELECT digest, size FROM blobs WHERE uploaded = 0 ORDER BY created_ns LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def upload_queue_stats(self) -> tuple[int, int]:
+        """(blobs not yet uploaded, their bytes)."""
+        n, total = self.conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs WHERE uploaded = 0"
+        ).fetchone()
+        return int(n), int(total)
+
+    def mark_uploaded(self, digests: Iterable[bytes]) -> None:
+        self.conn.executemany(
+            "UPDATE blobs SET uploaded = 1 WHERE digest = ? AND uploaded = 0",
+            ((d,) for d in digests),
+        )
+
+    def upload_states(self, digests: Iterable[bytes]) -> dict[bytes, bool]:
+        """For each digest the index knows, whether it is uploaded (absent: not recorded)."""
+        out: dict[bytes, bool] = {}
+        for d in digests:
+            row = self.conn.execute(
+                "SELECT uploaded FROM blobs WHERE digest = ?", (d,)
+            ).fetchone()
+            if row is not None:
+                out[d] = bool(row[0])
+        return out
+
+    def pending_blob_data(self, digest: bytes) -> bytes | None:
+        """The journalled bytes of a small block not yet stored by the mover, if any."""
+        row = self.conn.execute(
+            "SELECT data FROM pending_blobs WHERE digest = ?", (digest,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def live_mount_pids(self) -> list[int]:
+        """Pids of registered mounts whose process is alive (rows of dead ones are stale)."""
+        return [
+            int(pid)
+            for (pid,) in self.conn.execute("SELECT pid FROM mounts")
+            if _pid_alive(int(pid))
+        ]
+
+    def forget_host_state(self) -> None:
+        """Drop what only meant something on the machine a backup was taken on (mounts,
+        checkpoint builds in progress): a restored index starts with none."""
+        self.conn.execute("DELETE FROM mounts")
+        self.conn.execute("DELETE FROM building")
+
+    # ---- end of remote stores (uploads) ----
