@@ -48,6 +48,15 @@ def _weed_binary() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies (a killed or timed-out
+    pytest must not leave a server behind; fixtures' teardown does not run then)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,7 +118,7 @@ class S3Server:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout

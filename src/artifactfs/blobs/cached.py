@@ -81,7 +81,7 @@ class CachedBackend:
         budget: int,
         full_wait: float = 60.0,
         fetch_timeout: float = 30.0,
-        upload_attempts: int = 4,
+        upload_attempts: int = 3,
         backoff_max: float = 8.0,
         prefetch_threads: int = 4,
     ) -> None:
@@ -405,22 +405,23 @@ class CachedBackend:
 
     # -- uploads --------------------------------------------------------------------------------
 
-    def upload(self, digest: bytes) -> int:
-        """Copy the cached block to the bucket (retried with capped exponential backoff),
-        then unpin it. Returns its size. Raises `NotFound` if it is not in the cache,
-        `Corrupt` if the cached copy does not match its digest, `StorageError` if the bucket
-        kept failing."""
+    def upload(self, digest: bytes, attempts: int | None = None) -> int:
+        """Copy the cached block to the bucket (up to `attempts`, default `upload_attempts`,
+        tries with capped exponential backoff), then unpin it. Returns its size. Raises
+        `NotFound` if it is not in the cache, `Corrupt` if the cached copy does not match its
+        digest, `StorageError` if the bucket kept failing."""
         data = self.local.get(digest)
         if hashlib.sha256(data).digest() != digest:
             log.error("cached block %s does not match its digest: not uploaded", digest_hex(digest))
             raise Corrupt(f"cached block {digest_hex(digest)} is corrupt")
         delay = 0.25
-        for attempt in range(1, self.upload_attempts + 1):
+        tries = attempts or self.upload_attempts
+        for attempt in range(1, tries + 1):
             try:
                 self.remote.put_object(digest, data)
                 break
             except StorageError:
-                if attempt == self.upload_attempts:
+                if attempt == tries:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)

@@ -1481,4 +1481,19 @@ class Index:
         self.conn.execute("DELETE FROM mounts")
         self.conn.execute("DELETE FROM building")
 
+    def snapshot_to(self, dest: Path) -> None:
+        """Write a consistent copy of the database to `dest` with SQLite's online backup, on
+        a connection of its own (one read snapshot: what was committed when it started), so
+        it may run in a worker thread while the daemon keeps writing on `conn`."""
+        src = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            dst = sqlite3.connect(dest)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+
     # ---- end of remote stores (uploads) ----
