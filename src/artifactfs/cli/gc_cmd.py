@@ -86,8 +86,10 @@ def gc(
     ] = f"{int(DEFAULT_GRACE_S)}s",
     store: StoreOption = None,
 ) -> None:
-    """Reclaim blobs that no file, open file, checkpoint or in-flight write references, and
-    remove sessions past their expiry (with their namespaces and checkpoints).
+    """Reclaim unreferenced blobs and sessions past their expiry.
+
+    Frees blobs that no file, open file, checkpoint or in-flight write references, and
+    removes expired sessions with their namespaces and checkpoints.
 
     Safe while mounts are running. Prints one summary line; the run is recorded in the log.
 

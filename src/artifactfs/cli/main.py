@@ -8,8 +8,12 @@ import typer
 
 from artifactfs.cli.checkpoint_cmd import app as checkpoint_app
 from artifactfs.cli.credential_cmd import app as credential_app
+from artifactfs.cli.fsck_cmd import fsck
+from artifactfs.cli.gc_cmd import gc
 from artifactfs.cli.init_cmd import init
+from artifactfs.cli.log_cmd import log
 from artifactfs.cli.mount_cmd import mount
+from artifactfs.cli.stats_cmd import stats
 from artifactfs.cli.umount_cmd import umount
 from artifactfs.errors import ArtifactFsError
 
@@ -23,6 +27,10 @@ app = typer.Typer(
 app.command()(init)
 app.command()(mount)
 app.command()(umount)
+app.command()(gc)
+app.command()(fsck)
+app.command()(stats)
+app.command()(log)
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(credential_app, name="credential")
 

@@ -1,0 +1,115 @@
+"""Store statistics: what the grid holds, what it costs in storage, and what is running.
+
+`gather` reads everything from one read snapshot of the index; the only backend call is
+`usage()` (bytes used and free on the medium). The result is a pydantic model, so the CLI's
+`--json` output has a typed, documented shape.
+
+Must not import pyfuse3 or write SQL.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+from pydantic import BaseModel
+
+from artifactfs.blobs.backend import BlobBackend
+from artifactfs.index.db import Index
+
+
+class ScopeStats(BaseModel):
+    sandbox: str
+    scope: str
+    kind: str  # shared, user, session
+    workspaces: int
+    blobs: int  # blob namespaces
+
+
+class MountStats(BaseModel):
+    pid: int
+    mountpoint: str
+    started: datetime
+    credential: str | None  # None: the administrative view
+
+
+class StoreStats(BaseModel):
+    sandboxes: int
+    namespaces: int
+    scopes: list[ScopeStats]
+    files: int  # linked regular files
+    logical_bytes: int  # their sizes summed
+    unique_blocks: int  # distinct blocks the live files use
+    unique_block_bytes: int  # their stored bytes
+    dedup_ratio: float  # logical bytes / unique block bytes (1.0 when empty)
+    checkpoints: int
+    checkpoint_bytes: int  # logical bytes the checkpoints capture
+    manifest_bytes: int  # metadata the checkpoints wrote
+    blobs: int  # rows of `blobs`: blocks and manifests the index knows are stored
+    blob_bytes: int
+    pending_blocks: int  # the journal of small blocks not yet in the backend
+    pending_bytes: int
+    upload_queue: int  # blobs not yet uploaded (remote stores)
+    upload_queue_bytes: int
+    backend_used_bytes: int  # as the backend counts it (an estimate on local disk)
+    backend_free_bytes: int
+    mounts: list[MountStats]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def gather(index: Index, backend: BlobBackend) -> StoreStats:
+    index.flush()
+    with index.read_txn():
+        scopes = [
+            ScopeStats(sandbox=sb, scope=sc, kind=k, workspaces=w, blobs=b)
+            for sb, sc, k, w, b in index.ops_namespace_counts()
+        ]
+        files, logical = index.ops_file_totals()
+        nblocks, unique = index.ops_unique_block_totals()
+        cps, cp_bytes, manifest_bytes = index.ops_checkpoint_totals()
+        nblobs, blob_bytes = index.stored_bytes()
+        pending, pending_bytes = index.ops_pending_totals()
+        queue, queue_bytes = index.ops_upload_queue()
+        mounts = [
+            MountStats(
+                pid=pid,
+                mountpoint=mp,
+                started=datetime.fromtimestamp(started / 1e9, UTC),
+                credential=cred,
+            )
+            for pid, mp, started, cred in index.ops_mounts()
+            if _alive(pid)
+        ]
+        namespaces = index.count_namespaces()
+    used, free = backend.usage()
+    return StoreStats(
+        sandboxes=len({s.sandbox for s in scopes}),
+        namespaces=namespaces,
+        scopes=scopes,
+        files=files,
+        logical_bytes=logical,
+        unique_blocks=nblocks,
+        unique_block_bytes=unique,
+        dedup_ratio=round(logical / unique, 3) if unique else 1.0,
+        checkpoints=cps,
+        checkpoint_bytes=cp_bytes,
+        manifest_bytes=manifest_bytes,
+        blobs=nblobs,
+        blob_bytes=blob_bytes,
+        pending_blocks=pending,
+        pending_bytes=pending_bytes,
+        upload_queue=queue,
+        upload_queue_bytes=queue_bytes,
+        backend_used_bytes=used,
+        backend_free_bytes=free,
+        mounts=mounts,
+    )
