@@ -14,6 +14,7 @@ from artifactfs.cli.init_cmd import init
 from artifactfs.cli.log_cmd import log
 from artifactfs.cli.mount_cmd import mount
 from artifactfs.cli.stats_cmd import stats
+from artifactfs.cli.sync_cmd import sync
 from artifactfs.cli.umount_cmd import umount
 from artifactfs.errors import ArtifactFsError
 
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.command()(init)
 app.command()(mount)
 app.command()(umount)
+app.command()(sync)
 app.command()(gc)
 app.command()(fsck)
 app.command()(stats)

@@ -142,7 +142,11 @@ class Uploader:
             async with self.limiter:
                 if failed:
                     return  # the store is failing: the rest of the round waits for the backoff
-                outcome = await trio.to_thread.run_sync(self._upload, digest)
+                # Abandoned on cancel: a PUT hanging on an unreachable store must not hold
+                # up an unmount or `sync --timeout`; its row stays queued for next time.
+                outcome = await trio.to_thread.run_sync(
+                    self._upload, digest, abandon_on_cancel=True
+                )
             if outcome == "ok":
                 done.append(digest)
             elif outcome == "missing":
