@@ -258,3 +258,31 @@ def test_restore_without_backup_is_one_line(
     with pytest.raises(StoreError) as info:
         restore_store(tmp_path / "r", settings(s3_server, s3_bucket, s3_prefix), CREDS)
     assert "no index backup" in info.value.message
+
+
+async def test_journalled_block_is_stored_then_uploaded_and_lost_one_reported(
+    s3_store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(s3_store)
+    try:
+        backend = cached_backend(store)
+        journalled = data_of("journalled", 2000)
+        jd = hashlib.sha256(journalled).digest()
+        lost = data_of("lost", 2000)
+        ld = hashlib.sha256(lost).digest()
+        with store.index.txn():  # committed with the journal row; the mover never ran
+            store.index.record_blobs([(jd, len(journalled)), (ld, len(lost))], time.time_ns())
+            store.index.add_pending_blobs([(jd, journalled)])
+        assert store.index.upload_queue_stats()[0] == 2
+        async with trio.open_nursery() as nursery:
+            up = Uploader(store.index, backend, backup_interval=None)
+            nursery.start_soon(up.run)
+            with caplog.at_level("ERROR"):
+                assert not await up.drain(20)  # the lost one can never go
+            nursery.cancel_scope.cancel()
+        assert backend.remote.get(jd) == journalled
+        assert store.index.upload_queue(10) == [(ld, len(lost))]
+        assert up.lost == {ld}
+        assert "neither in the local cache nor in the bucket" in caplog.text
+    finally:
+        store.close()
