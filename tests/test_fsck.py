@@ -108,8 +108,11 @@ async def test_flipped_byte_is_found_by_verify_only(tmp_path: Path) -> None:
 async def test_wrong_link_count_is_repaired(tmp_path: Path) -> None:
     path = tmp_path / "s"
     await make(path)
-    sql(path, "UPDATE inodes SET nlink = 5 WHERE id = (SELECT inode FROM dentries "
-        "WHERE name = CAST('c' AS BLOB))")
+    sql(
+        path,
+        "UPDATE inodes SET nlink = 5 WHERE id = (SELECT inode FROM dentries "
+        "WHERE name = CAST('c' AS BLOB))",
+    )
     report = fsck(path)
     assert kinds(report) == [WRONG_NLINK] and "has link count 5, its names say 1" in str(
         report.findings[0]
@@ -122,8 +125,10 @@ async def test_wrong_link_count_is_repaired(tmp_path: Path) -> None:
 async def test_dentry_naming_a_deleted_inode_is_repaired(tmp_path: Path) -> None:
     path = tmp_path / "s"
     await make(path)
-    sql(path, "DELETE FROM inodes WHERE id = (SELECT inode FROM dentries "
-        "WHERE name = CAST('b' AS BLOB))")
+    sql(
+        path,
+        "DELETE FROM inodes WHERE id = (SELECT inode FROM dentries WHERE name = CAST('b' AS BLOB))",
+    )
     report = fsck(path)
     # the dentry, and the block map rows of the inode that went
     assert kinds(report) == [DANGLING_DENTRY, ORPHAN_ROWS]

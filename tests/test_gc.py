@@ -202,11 +202,11 @@ async def test_expired_session_is_destroyed(tmp_path: Path) -> None:
     assert report.blobs >= 4  # the files' blocks and the checkpoint's manifests
     async with open_core(path) as core:
         assert await core.listdir("acme") == [b"sess-s2"]
+        assert core.store.index.ops_expired_sessions(time.time_ns()) == []
+        assert core.store.index.count_namespaces() == 1
         types = [e.type for e in core.store.index.events()]
         assert types.count("namespace.destroy") == 2 and "scope.destroy" in types
-        destroyed = [
-            e.payload for e in core.store.index.events(type_prefix="namespace.destroy")
-        ]
+        destroyed = [e.payload for e in core.store.index.events(type_prefix="namespace.destroy")]
         assert ["c"] in [p["checkpoints_deleted"] for p in destroyed]
         assert core.store.index.ops_checkpoints() == []
 
@@ -259,9 +259,7 @@ async def test_gc_races_a_writer(tmp_path: Path) -> None:
         async def collector() -> None:
             async with gc_store(path) as (store, fs):
                 while not done.is_set():
-                    reports.append(
-                        await collect(store.index, store.backend, fs=fs, grace_s=grace)
-                    )
+                    reports.append(await collect(store.index, store.backend, fs=fs, grace_s=grace))
                     await trio.sleep(0.01)
                 await settle(core)
                 reports.append(await collect(store.index, store.backend, fs=fs, grace_s=grace))

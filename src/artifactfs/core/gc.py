@@ -204,9 +204,7 @@ def live_mounts(index: Index) -> bool:
 # ---- sessions -------------------------------------------------------------------------------
 
 
-async def _remove_tree(
-    fs: FileSystem, root: int, caller: Caller, held: list[int] | None
-) -> None:
+async def _remove_tree(fs: FileSystem, root: int, caller: Caller, held: list[int] | None) -> None:
     """rm -r of everything below directory `root` (not `root` itself), bottom-up. Inodes
     removed are kept from being reaped and listed in `held` unless it is None."""
     index = fs.index
@@ -216,9 +214,7 @@ async def _remove_tree(
         children = index.children(ino)
         if not expanded:
             stack.append((ino, True))
-            stack.extend(
-                (c.id, False) for _, c in children if NodeKind(c.kind) is NodeKind.DIR
-            )
+            stack.extend((c.id, False) for _, c in children if NodeKind(c.kind) is NodeKind.DIR)
             continue
         for name, child in children:
             if held is not None:
@@ -257,7 +253,7 @@ async def destroy_scope(fs: FileSystem, scope: ScopeRow, caller: Caller) -> int:
     if held is not None:
         fs.remember(scope.inode)
         held.append(scope.inode)
-    await fs.rmdir(sandbox.inode, scope.name.encode(), caller)
+    await _remove_scope_dir(fs, sandbox.inode, sandbox.name, scope, caller)
     if held is not None:
         feed: list[tuple[int, int, bytes | None]] = [
             (CHANGE_ENTRY, sandbox.inode, scope.name.encode())
@@ -270,12 +266,44 @@ async def destroy_scope(fs: FileSystem, scope: ScopeRow, caller: Caller) -> int:
     return count
 
 
+async def _remove_scope_dir(
+    fs: FileSystem, sandbox_ino: int, sandbox: str, scope: ScopeRow, caller: Caller
+) -> None:
+    """`rmdir` of an (empty) expired scope directory.
+
+    The policy hides an expired session scope from every view, the administrative one
+    included, so `FileSystem.rmdir` answers NotFound for it; until FileSystem has an
+    operation for this, the same steps are taken here through the index's named queries
+    (the scope row, its name, the link counts, the `scope.destroy` event) and the inode is
+    reaped as rmdir would.
+    """
+    name = scope.name.encode()
+    try:
+        await fs.rmdir(sandbox_ino, name, caller)
+        return
+    except NotFound:
+        pass
+    index = fs.index
+    now = time.time_ns()
+    with index.txn():
+        row = index.get_inode(scope.inode)
+        if row is None or index.has_children(scope.inode):
+            return
+        index.delete_scope(scope.id)
+        index.append_event(
+            "scope.destroy", {"scope": scope.name, "sandbox": sandbox, "expired": True}, sandbox
+        )
+        index.remove_dentry(sandbox_ino, name)
+        index.add_nlink(scope.inode, -row.nlink, ctime_ns=now)
+        index.add_nlink(sandbox_ino, -1)
+        index.touch_inode(sandbox_ino, mtime_ns=now, ctime_ns=now)
+    fs.reap_orphan(scope.inode)
+
+
 # ---- blobs ----------------------------------------------------------------------------------
 
 
-def _list_backend(
-    backend: BlobBackend, progress: Progress | None
-) -> dict[bytes, tuple[int, int]]:
+def _list_backend(backend: BlobBackend, progress: Progress | None) -> dict[bytes, tuple[int, int]]:
     out: dict[bytes, tuple[int, int]] = {}
     n = 0
     for digest, size, mtime in backend.iterate():
@@ -448,8 +476,7 @@ async def _delete_batch(
         await trio.to_thread.run_sync(walk, new_roots)
         if refs.broken:
             raise GcError(
-                "a checkpoint recorded during gc cannot be read: gc stopped; run "
-                "`artifactfs fsck`"
+                "a checkpoint recorded during gc cannot be read: gc stopped; run `artifactfs fsck`"
             )
     await trio.to_thread.run_sync(_delete_blobs, backend, keep)
     return keep
