@@ -230,6 +230,7 @@ def mounted(
     *,
     init: bool = True,
     timeout: float = MOUNT_TIMEOUT,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Mount]:
     """Mount `store` at `mountpoint` with `artifactfs mount --foreground` for the block's duration.
 
@@ -246,6 +247,7 @@ def mounted(
     argv = [str(ARTIFACTFS), "mount", str(store), str(mountpoint), "--foreground"]
     if options:
         argv += ["-o", ",".join(options)]
+    argv += list(extra_args)
     with open(log_path, "wb") as log:
         # A new session: a Ctrl-C of pytest must not kill the daemon before the unmount in finally.
         proc = subprocess.Popen(

@@ -53,7 +53,7 @@ TABLE = [
     # view, op, place, decision
     (ADMIN, Op.WRITE, OTHER_SHARED, A),
     (ADMIN, Op.CREATE_SANDBOX, ROOT, A),
-    (ADMIN, Op.SEE, S1_EXPIRED, A),
+    (ADMIN, Op.SEE, S1_EXPIRED, H),
     (ALICE, Op.SEE, ROOT, A),
     (ALICE, Op.CREATE_SANDBOX, ROOT, D),
     (ALICE, Op.SEE, ACME, A),
@@ -70,7 +70,8 @@ TABLE = [
     (ALICE, Op.SEE, S1, A),
     (ALICE, Op.WRITE, S1, A),
     (ALICE, Op.SEE, S2, H),
-    (ALICE, Op.SEE, S1_EXPIRED, H),
+    (ALICE, Op.SEE, S1_EXPIRED, A),  # its own session: reads go on until unmount
+    (View("acme", "alice", "s9"), Op.SEE, S1_EXPIRED, H),
     (BOB_RO, Op.SEE, SHARED, A),
     (BOB_RO, Op.WRITE, SHARED, RO),
     (BOB_RO, Op.WRITE, U_BOB, A),
@@ -230,10 +231,14 @@ async def test_expired_session_scope_is_invisible(core: Core) -> None:
     assert scope is not None
     with index.txn():
         index.extend_scope_expiry(scope.id, time.time_ns() - 1)
-    as_view(core, ALICE)
+    as_view(core, ADMIN)
     with pytest.raises(NotFound):
         await core.resolve("acme/sess-s1/work")
     assert b"sess-s1" not in await core.listdir("acme")
+    as_view(core, DEAD)  # the session's own mount, its credential expired with it
+    assert await core.listdir("acme/sess-s1/work") == []
+    with pytest.raises(AccessDenied):
+        await core.mkdir("acme/sess-s1/work/more")
 
 
 async def test_authenticate_checks_revocation(core: Core, tmp_path: Path) -> None:

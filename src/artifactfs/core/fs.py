@@ -251,9 +251,11 @@ class FileSystem:
         raise AccessDenied()
 
     def _visible(self, row: InodeRow) -> bool:
-        return self.view.is_admin or decide(self.view, Op.SEE, self._place(row)) is not (
-            Decision.HIDDEN
-        )
+        # The administrative view sees everything but expired session scopes, which only
+        # a scope row can be (what is inside is reached through it).
+        if self.view.is_admin and NodeKind(row.kind) is not NodeKind.SCOPE:
+            return True
+        return decide(self.view, Op.SEE, self._place(row)) is not Decision.HIDDEN
 
     def remember(self, ino: int, n: int = 1) -> None:
         """The kernel now holds `n` more references to `ino` (lookup counts)."""

@@ -56,6 +56,11 @@ ADMIN = View()
 
 
 def decide(view: View, op: Op, place: Place) -> Decision:
+    if place.expired and not (place.scope_kind == "session" and place.scope_owner == view.session):
+        # An expired session's scope is gone for everyone at once (gc reclaims it), except
+        # for the mounts of that very session, which may go on reading until unmount (their
+        # credential expired with it, so they no longer write).
+        return Decision.HIDDEN
     if view.is_admin:
         return Decision.ALLOW
     if place.sandbox is None:
@@ -72,7 +77,7 @@ def decide(view: View, op: Op, place: Place) -> Decision:
         or (place.scope_kind == "user" and place.scope_owner == view.user)
         or (place.scope_kind == "session" and place.scope_owner == view.session)
     )
-    if not mine or place.expired:
+    if not mine:
         return Decision.HIDDEN
     if op is Op.SEE:
         return Decision.ALLOW
