@@ -250,3 +250,27 @@ def test_many_mounts_of_one_store(grid: mountutil.Mount, tmp_path: Path) -> None
         for n in range(10):
             assert (ws / f"f{n}").read_bytes() == f"{i}-{n}".encode() * 1000
             assert (ws / ".snapshots/done" / f"f{n}").read_bytes() == f"{i}-{n}".encode() * 1000
+
+
+def test_owner_option_for_containers(grid: mountutil.Mount, tmp_path: Path) -> None:
+    """--owner UID:GID shows every node as owned by that uid, so a container running as an
+    arbitrary uid works in a tree created by someone else, with ordinary permission checks."""
+    store = grid.store
+    (grid.mountpoint / "acme/shared/data/private").write_text("x")
+    (grid.mountpoint / "acme/shared/data/private").chmod(0o600)
+    where = grid.mountpoint.parent / "owned"
+    where.mkdir()
+    with mountutil.mounted(store, where, init=False, extra_args=["--owner", "4242:4243"]) as m:
+        data = m.mountpoint / "acme/shared/data"
+        st = os.stat(data / "f")
+        assert (st.st_uid, st.st_gid) == (4242, 4243)
+        ok = mountutil.run_as(4242, 4243, ["sh", "-c", f"echo c > {data}/by-container && "
+                                           f"cat {data}/private && chmod 640 {data}/f"],
+                              capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stderr
+        other = mountutil.run_as(5000, 5000, ["cat", str(data / "private")],
+                                 capture_output=True, text=True)
+        assert other.returncode != 0 and "Permission denied" in other.stderr
+    # The index keeps the real owners: the admin mount shows the creator's uid.
+    assert os.stat(grid.mountpoint / "acme/shared/data/by-container").st_uid == 4242
+    assert os.stat(grid.mountpoint / "acme/shared/data/f").st_uid == os.getuid()

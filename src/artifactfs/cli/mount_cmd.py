@@ -72,6 +72,14 @@ def mount(
             help="Mount with this credential file: only its sandbox, user and session appear.",
         ),
     ] = None,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            "--owner",
+            metavar="UID:GID",
+            help="Show every file as owned by UID:GID (containers running as that uid).",
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option(help="Log every request.")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -104,6 +112,7 @@ def mount(
         entry_timeout=attr_timeout,
         attr_timeout=attr_timeout,
         credential_token=token,
+        owner=_parse_owner(owner),
     )
     if foreground:
         setup_logging(debug)
@@ -114,7 +123,16 @@ def mount(
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mnt}: {exc}") from None
         return
-    _spawn(path, mnt, opts, attr_timeout, debug, credential)
+    _spawn(path, mnt, opts, attr_timeout, debug, credential, owner)
+
+
+def _parse_owner(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    uid, sep, gid = text.partition(":")
+    if not (uid.isdigit() and (not sep or gid.isdigit())):
+        raise MountError(f"--owner takes UID:GID in numbers (e.g. 1000:1000), not {text!r}")
+    return int(uid), int(gid or uid)
 
 
 def _check_credential(path: Path, token: str) -> None:
@@ -132,6 +150,7 @@ def _spawn(
     attr_timeout: float,
     debug: bool,
     credential: Path | None,
+    owner: str | None,
 ) -> None:
     log_path = path / "logs" / f"mount-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +172,8 @@ def _spawn(
         argv.append("--debug")
     if credential is not None:
         argv += ["--credential", str(credential.absolute())]
+    if owner is not None:
+        argv += ["--owner", owner]
     for o in opts:
         argv += ["-o", o]
     with open(log_path, "ab") as log_file:

@@ -64,12 +64,21 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, fs: FileSystem, *, entry_timeout: float = 5.0, attr_timeout: float = 5.0
+        self,
+        fs: FileSystem,
+        *,
+        entry_timeout: float = 5.0,
+        attr_timeout: float = 5.0,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.fs = fs
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
+        # `mount --owner UID:GID`: every node is shown as owned by UID:GID, so a container
+        # running as that (arbitrary) uid gets owner permissions under default_permissions.
+        # Only what stat shows changes; the index keeps the real owners.
+        self.owner = owner
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -84,8 +93,7 @@ class FuseOperations(pyfuse3.Operations):
             e.attr_timeout = self.attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
-        e.st_uid = a.uid
-        e.st_gid = a.gid
+        e.st_uid, e.st_gid = self.owner if self.owner is not None else (a.uid, a.gid)
         e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = 4096

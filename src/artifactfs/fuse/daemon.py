@@ -39,6 +39,7 @@ class MountSettings:
     blob_threads: int = 4
     max_tasks: int = 64
     credential_token: str | None = None  # a scoped mount; None: the administrative view
+    owner: tuple[int, int] | None = None  # show every node as owned by this uid:gid
 
 
 def tune_read_ahead(mountpoint: Path, kb: int) -> bool:
@@ -75,7 +76,10 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
             view = cred.view()
         fs = FileSystem(store.index, io, view=view)
         ops = FuseOperations(
-            fs, entry_timeout=settings.entry_timeout, attr_timeout=settings.attr_timeout
+            fs,
+            entry_timeout=settings.entry_timeout,
+            attr_timeout=settings.attr_timeout,
+            owner=settings.owner,
         )
         mnt = str(settings.mountpoint)
         pyfuse3.init(ops, mnt, fuse_options(settings))
