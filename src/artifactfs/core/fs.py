@@ -250,6 +250,10 @@ class FileSystem:
             raise ReadOnly()
         raise AccessDenied()
 
+    def require_write(self, ino: int) -> None:
+        """Raise unless this view may change `ino` (the API asks before checkpoint ops)."""
+        self._require(Op.WRITE, self._row(ino))
+
     def _visible(self, row: InodeRow) -> bool:
         # The administrative view sees everything but expired session scopes, which only
         # a scope row can be (what is inside is reached through it).
