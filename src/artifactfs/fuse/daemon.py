@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,7 @@ async def _announce_ready(settings: MountSettings, store: Store, ready_fd: int |
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
+    sd_notify(f"READY=1\nSTATUS=serving {settings.store} at {settings.mountpoint}")
     # After the parent is told: this walks the whole blob tree. Temp files of puts cut short
     # by a crash; an hour old so no live put is touched.
     swept = await trio.to_thread.run_sync(store.backend.sweep_temp, 3600.0)
@@ -161,6 +163,20 @@ async def _watch_credential(
             fs.view = dataclasses.replace(fs.view, writable=False)
             log.warning("%s: this mount refuses writes from now on", why)
             return
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how the service is doing; a no-op outside systemd. The
+    protocol is one datagram to $NOTIFY_SOCKET (an abstract socket when it starts with @)."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd: %s", exc)
 
 
 async def _group_committer(store: Store) -> None:
@@ -194,5 +210,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
             log.info("received signal %d: unmounting", sig)
+            sd_notify("STOPPING=1\nSTATUS=flushing and unmounting")
             pyfuse3.terminate()
             return
