@@ -361,3 +361,28 @@ def test_concurrent_puts_from_several_processes(root: Path) -> None:
         data = b.get(d)  # verify_reads checks each blob hashes to its name
         assert hashlib.sha256(data).digest() == d
     b.close()
+
+
+def test_dedup_put_refreshes_mtime_and_guarded_delete(tmp_path: Path) -> None:
+    """gc's guarded delete keeps a blob a writer put again (a dedup hit) after gc chose it."""
+    import hashlib
+    import os
+    import time as _time
+
+    from artifactfs.blobs.local import LocalBackend
+
+    b = LocalBackend(tmp_path / "blobs")
+    data = b"reused block"
+    d = hashlib.sha256(data).digest()
+    assert b.put(d, data)
+    path = tmp_path / "blobs" / "sha256" / d.hex()[:2] / d.hex()[2:4] / d.hex()
+    os.utime(path, (1, 1))  # an old, garbage blob
+    cutoff = _time.time_ns() - 10**9
+    assert not b.put(d, data)  # a writer reuses it: mtime refreshed
+    assert not b.delete_if_older(d, cutoff)
+    assert b.has(d) and b.get(d) == data
+    os.utime(path, (1, 1))
+    assert b.delete_if_older(d, cutoff)
+    assert not b.has(d)
+    assert not b.delete_if_older(d, cutoff)
+    b.close()

@@ -144,6 +144,10 @@ class LocalBackend:
         view = memoryview(data).cast("B")
         with self._put_locks[digest[0]]:
             if self._exists(final, hexd):
+                # A dedup hit: the blob is in use again. Its mtime says so to gc, which only
+                # deletes blobs older than its grace period (`delete_if_older`).
+                with contextlib.suppress(OSError):
+                    os.utime(final)
                 return False
             try:
                 self._write_new(hexd, final, view)
@@ -346,6 +350,34 @@ class LocalBackend:
             return False
         except OSError as exc:
             raise StorageError(f"cannot stat blob {hexd}: {_describe(exc)}") from exc
+        return True
+
+    def delete_if_older(self, digest: bytes, cutoff_ns: int) -> bool:
+        """Delete the blob only if its mtime is older than `cutoff_ns` (gc). It is renamed
+        aside before the check: a put that starts meanwhile (another process) finds it
+        absent and writes a fresh copy, which stays; one that refreshed it before has made
+        it young, and it is renamed back."""
+        hexd = self._hex(digest)
+        path = self._file(hexd)
+        aside = f"{path}.gc-{os.getpid()}-{threading.get_ident()}"
+        with self._put_locks[digest[0]]:  # puts of this process wait
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot delete blob {hexd}: {_describe(exc)}") from exc
+            st = os.stat(aside)
+            if st.st_mtime_ns >= cutoff_ns:
+                os.rename(aside, path)  # over a fresh copy, if any: same content
+                return False
+            os.unlink(aside)
+            with self._lock:
+                entry = self._fds.pop(digest, None)
+                if entry is not None:
+                    self._drop_locked(entry)
+                self._used = max(0, self._used - st.st_size)
+                self._adjusted -= st.st_size
         return True
 
     def delete(self, digest: bytes) -> bool:

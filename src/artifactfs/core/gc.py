@@ -316,7 +316,15 @@ def _list_backend(backend: BlobBackend, progress: Progress | None) -> dict[bytes
     return out
 
 
-def _delete_blobs(backend: BlobBackend, digests: list[bytes]) -> None:
+def _delete_blobs(backend: BlobBackend, digests: list[bytes], cutoff_ns: int) -> None:
+    # A backend that can delete only what is still old closes the window of a writer whose
+    # put found the garbage blob present (a put refreshes the blob's mtime) after the re-check.
+    guarded = getattr(backend, "delete_if_older", None)
+    if guarded is not None:
+        for d in digests:
+            if not guarded(d, cutoff_ns):
+                log.info("gc kept blob %s: a writer touched it meanwhile", d.hex())
+        return
     many = getattr(backend, "delete_many", None)
     if many is not None:
         many(digests)
@@ -478,7 +486,7 @@ async def _delete_batch(
             raise GcError(
                 "a checkpoint recorded during gc cannot be read: gc stopped; run `artifactfs fsck`"
             )
-    await trio.to_thread.run_sync(_delete_blobs, backend, keep)
+    await trio.to_thread.run_sync(_delete_blobs, backend, keep, row_cutoff)
     return keep
 
 
