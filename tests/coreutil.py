@@ -175,6 +175,7 @@ def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
     assert index.link_count_mismatches() == [], "wrong link counts"
     assert index.dangling_dentries() == [], "directory entries pointing nowhere"
     assert index.unknown_block_digests() == [], "block maps naming blobs the index does not know"
+    assert index.row_cache_mismatches() == [], "the inode row cache differs from the table"
     conn = index.conn
     root = index.get_inode(ROOT_INODE)
     assert root is not None and root.kind == NodeKind.ROOT

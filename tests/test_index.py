@@ -772,3 +772,93 @@ def test_v1_data_survives_migration_and_is_tracked(db_path: Path) -> None:
         assert ix.dir_state(11) is None and ix.dir_state(10) is None
     finally:
         ix.close()
+
+
+# ---- the inode row cache ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_row_cache_sees_commits_of_other_connections(db_path: Path, group: bool) -> None:
+    """A row cached by one connection is not served after another connection changed it."""
+    ix = Index(db_path, create=True)
+    ix.group_commit = group
+    other = raw(db_path)
+    try:
+        row = new_inode(ix)
+        with ix.txn():
+            assert ix.get_inode(row.id) == row  # cached now
+            assert ix.get_inode(row.id) == row
+        ix.flush()
+        other.execute("UPDATE inodes SET mode = ?, nlink = 9 WHERE id = ?", (0o100600, row.id))
+        # Outside a transaction: straight from the table.
+        got = ix.get_inode(row.id)
+        assert got is not None and got.mode == 0o100600 and got.nlink == 9
+        other.execute("UPDATE inodes SET uid = 77 WHERE id = ?", (row.id,))
+        with ix.txn():  # the BEGIN sees data_version move and drops the cache
+            got = ix.get_inode(row.id)
+            assert got is not None and got.uid == 77
+        ix.flush()
+        assert ix.row_cache_mismatches() == []
+    finally:
+        other.close()
+        ix.close()
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_row_cache_forgets_rolled_back_writes(db_path: Path, group: bool) -> None:
+    ix = Index(db_path, create=True)
+    ix.group_commit = group
+    try:
+        row = new_inode(ix)
+        with pytest.raises(Boom), ix.txn():
+            changed = ix.get_inode(row.id)
+            assert changed is not None
+            changed.mode, changed.nlink = stat.S_IFREG | 0o600, 5
+            ix.update_inode(changed)
+            ix.add_nlink(row.id, 1, ctime_ns=99)
+            ix.touch_inode(row.id, mtime_ns=98, ctime_ns=99)
+            got = ix.get_inode(row.id)
+            assert got is not None and (got.nlink, got.mtime_ns, got.ctime_ns) == (6, 98, 99)
+            raise Boom()
+        with ix.txn():
+            assert ix.get_inode(row.id) == row
+        ix.flush()
+        assert ix.row_cache_mismatches() == []
+    finally:
+        ix.close()
+
+
+def test_row_cache_follows_every_write(grouped: Index) -> None:
+    """Each statement that writes `inodes` keeps the cached row equal to the table."""
+    ix = grouped
+    with ix.txn():
+        row = ix.insert_inode(
+            kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2, nlink=1, time_ns=7,
+            namespace_id=None, sha256=D1,
+        )
+        ix.get_inode(row.id)
+    steps = [
+        lambda: ix.update_file_state(row.id, 10, 20, 30, D2, 4096),
+        lambda: ix.set_sha256(row.id, D3),
+        lambda: ix.update_file_state(row.id, 11, 21, 31, None, 4096),
+        lambda: ix.set_sha256_if_unchanged(row.id, D1, 11, 21),
+        lambda: ix.touch_inode(row.id, mtime_ns=None, ctime_ns=40),
+        lambda: ix.touch_inode(row.id, mtime_ns=41, ctime_ns=42),
+        lambda: ix.add_nlink(row.id, 2),
+        lambda: ix.add_nlink(row.id, -1, ctime_ns=50),
+        lambda: ix.update_inode(
+            InodeRow(row.id, 5, 0o100600, 3, 4, 2, 12, 0, 1, 2, 3, 0, None, D2)
+        ),
+        lambda: ix.write_inode_exact(
+            InodeRow(row.id, 5, 0o100640, 5, 6, 2, 13, 0, 4, 5, 6, 7, None, None, 8192)
+        ),
+        lambda: ix.delete_inode(row.id),
+    ]
+    for step in steps:
+        with ix.txn():
+            ix.get_inode(row.id)  # cache it (again) before each write
+            step()
+            assert ix.row_cache_mismatches() == [], step
+        ix.flush()
+    with ix.txn():
+        assert ix.get_inode(row.id) is None

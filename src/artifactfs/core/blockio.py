@@ -25,6 +25,11 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 # trip to a worker thread costs 135 us idle and ~460 us under load, a small pread a few us,
 # sha256 of 64 KiB ~40 us. Larger I/O and hashing go to worker threads.
 INLINE_IO_MAX = 64 * 1024
+# The mover waits this long after the first queued block before taking a batch, so that one
+# worker-thread hop stores the blocks of many closes instead of one (each hop costs the trio
+# thread 100+ us, and the worker's Python code competes with it for the GIL). Journalled
+# blocks are durable in the index and readable from memory meanwhile.
+MOVER_LINGER = 0.05
 
 
 class Sealable(Protocol):
@@ -108,6 +113,8 @@ class BlockIO:
         while not self._to_move:
             self._work = trio.Event()
             await self._work.wait()
+        if len(self._to_move) < limit:
+            await trio.sleep(MOVER_LINGER)
         digests, self._to_move = self._to_move[:limit], self._to_move[limit:]
         self._moving += len(digests)
         return [(d, self.pending[d]) for d in digests]

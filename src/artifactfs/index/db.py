@@ -27,6 +27,8 @@ BUSY_TIMEOUT_MS = 5000
 # Group commit: the daemon commits at least this often, and after this many units.
 GROUP_COMMIT_INTERVAL = 0.05
 GROUP_COMMIT_MAX_UNITS = 2000
+# The row cache (see Index._rows) is dropped whole when it grows past this many inodes.
+ROW_CACHE_MAX = 50_000
 
 INODE_COLUMNS = (
     "id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, btime_ns, "
@@ -191,6 +193,15 @@ class Index:
         self.conn.execute("PRAGMA foreign_keys = OFF")
         self.conn.execute("PRAGMA cache_size = -65536")
         self._depth = 0
+        # Row cache of `inodes`: id -> the row exactly as in the database. Served only inside
+        # a write transaction of this connection (nobody else can write then), kept across
+        # our own commits, and dropped at every BEGIN after which `PRAGMA data_version` says
+        # another connection (a CLI restore or checkpoint, another daemon) committed, and at
+        # every rollback. Every statement here that writes `inodes` updates or drops the
+        # entries it touches; tests compare the cache with the table (row_cache_mismatches).
+        self._rows: dict[int, tuple[Any, ...]] = {}
+        self._rows_version: int | None = None
+        self._writing = False  # this connection holds a write transaction begun by _begin
         self.group_commit = False
         self._grouped = 0
         self._ckpt_conn: sqlite3.Connection | None = None
@@ -257,9 +268,12 @@ class Index:
                 yield self.conn
             except BaseException:
                 self._depth = 0
+                self._drop_rows()
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK TO unit")
                     self.conn.execute("RELEASE unit")
+                else:
+                    self._writing = False
                 raise
             self._depth = 0
             self.conn.execute("RELEASE unit")
@@ -273,7 +287,10 @@ class Index:
             yield self.conn
         except BaseException:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
+            self._drop_rows()
+            self._writing = False
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
         self._depth = 0
         self._commit()
@@ -300,17 +317,26 @@ class Index:
         for attempt in range(50):
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-                return
+                break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 time.sleep(min(0.01 * (attempt + 1), 0.2))
-        self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            self.conn.execute("BEGIN IMMEDIATE")
+        # We hold the write lock now: the cache is valid for the whole transaction if no other
+        # connection committed since the last BEGIN (data_version ignores our own commits).
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._rows_version:
+            self._rows.clear()
+            self._rows_version = version
+        self._writing = True
 
     def _commit(self) -> None:
         for attempt in range(50):
             try:
                 self.conn.execute("COMMIT")
+                self._writing = False
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
@@ -321,11 +347,18 @@ class Index:
             except sqlite3.Error:
                 self._rollback_after_failed_commit()
                 raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback_after_failed_commit()
+            raise
+        self._writing = False
 
     def _rollback_after_failed_commit(self) -> None:
         # A failed COMMIT (constraint, disk full, I/O error) may leave the transaction open;
         # without this every later operation would fail until the daemon restarts.
+        self._drop_rows()
+        self._writing = False
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
@@ -340,6 +373,8 @@ class Index:
             self._commit()
         finally:
             if self.conn.in_transaction:
+                self._drop_rows()
+                self._writing = False
                 self.conn.execute("ROLLBACK")
             self.conn.execute("PRAGMA synchronous = NORMAL")
 
@@ -358,11 +393,52 @@ class Index:
 
     # ---- inodes -------------------------------------------------------------------------------
 
+    # ---- the row cache (see __init__) --------------------------------------------------------
+
+    def _drop_rows(self) -> None:
+        self._rows.clear()
+
+    def _keep_row(self, row: tuple[Any, ...]) -> None:
+        """Remember a row just read from the table. Rows read outside a transaction are as
+        new as the last data_version check or newer, so the next BEGIN validates them too;
+        a read-only snapshot (read_txn) may be older: not kept."""
+        if self._writing or not self.conn.in_transaction:
+            if len(self._rows) >= ROW_CACHE_MAX:
+                self._rows.clear()
+            self._rows[row[0]] = row
+
+    def _patch_row(self, ino: int, changes: dict[int, Any]) -> None:
+        """Apply to the cached row of `ino` (if any) what a statement just wrote."""
+        cur = self._rows.get(ino)
+        if cur is not None:
+            new = list(cur)
+            for i, v in changes.items():
+                new[i] = v
+            self._rows[ino] = tuple(new)
+
+    def row_cache_mismatches(self) -> list[tuple[tuple[Any, ...], tuple[Any, ...] | None]]:
+        """(cached row, table row) for every cached row that differs from the table (tests)."""
+        out = []
+        for ino, cached in self._rows.items():
+            row = self.conn.execute(
+                f"SELECT {INODE_COLUMNS} FROM inodes WHERE id = ?", (ino,)
+            ).fetchone()
+            if row is None or tuple(row) != cached:
+                out.append((cached, None if row is None else tuple(row)))
+        return out
+
     def get_inode(self, ino: int) -> InodeRow | None:
+        if self._writing:
+            cached = self._rows.get(ino)
+            if cached is not None:
+                return InodeRow(*cached)
         row = self.conn.execute(
             f"SELECT {INODE_COLUMNS} FROM inodes WHERE id = ?", (ino,)
         ).fetchone()
-        return None if row is None else _inode(row)
+        if row is None:
+            return None
+        self._keep_row(row)
+        return _inode(row)
 
     def insert_inode(
         self,
@@ -390,6 +466,7 @@ class Index:
         )
         new_id = ino if ino is not None else cur.lastrowid
         assert new_id is not None
+        self._keep_row((new_id, int(kind), *values[1:], 0))
         return InodeRow(new_id, *values)
 
     def update_inode(self, row: InodeRow) -> None:
@@ -413,6 +490,13 @@ class Index:
                 row.id,
             ),
         )
+        cur = self._rows.get(row.id)
+        if cur is not None:
+            self._rows[row.id] = (
+                cur[0], cur[1], row.mode, row.uid, row.gid, row.nlink, row.size, row.rdev,
+                row.atime_ns, row.mtime_ns, row.ctime_ns, cur[11], row.namespace_id, row.sha256,
+                cur[14],
+            )
 
     def update_file_state(
         self,
@@ -428,9 +512,11 @@ class Index:
             "WHERE id = ?",
             (size, mtime_ns, ctime_ns, sha256, stored, ino),
         )
+        self._patch_row(ino, {6: size, 9: mtime_ns, 10: ctime_ns, 13: sha256, 14: stored})
 
     def set_sha256(self, ino: int, sha256: bytes) -> None:
         self.conn.execute("UPDATE inodes SET sha256 = ? WHERE id = ?", (sha256, ino))
+        self._patch_row(ino, {13: sha256})
 
     def set_sha256_if_unchanged(self, ino: int, sha256: bytes, size: int, mtime_ns: int) -> None:
         """Keep a digest computed from a snapshot, unless the file changed since."""
@@ -439,6 +525,7 @@ class Index:
             "AND mtime_ns = ?",
             (sha256, ino, size, mtime_ns),
         )
+        self._rows.pop(ino, None)
 
     def block_stats(self, ino: int) -> tuple[int, int]:
         """(number of non-hole blocks of `ino`, highest block index or -1) for st_blocks."""
@@ -450,20 +537,27 @@ class Index:
     def touch_inode(self, ino: int, *, mtime_ns: int | None, ctime_ns: int) -> None:
         if mtime_ns is None:
             self.conn.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (ctime_ns, ino))
+            self._patch_row(ino, {10: ctime_ns})
         else:
             self.conn.execute(
                 "UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (mtime_ns, ctime_ns, ino),
             )
+            self._patch_row(ino, {9: mtime_ns, 10: ctime_ns})
 
     def add_nlink(self, ino: int, delta: int, ctime_ns: int | None = None) -> None:
+        cur = self._rows.get(ino)
         if ctime_ns is None:
             self.conn.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?", (delta, ino))
+            if cur is not None:
+                self._patch_row(ino, {5: cur[5] + delta})
         else:
             self.conn.execute(
                 "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?",
                 (delta, ctime_ns, ino),
             )
+            if cur is not None:
+                self._patch_row(ino, {5: cur[5] + delta, 10: ctime_ns})
 
     def delete_inode(self, ino: int) -> None:
         """Remove an inode and everything hanging off it (blocks, symlink, xattrs)."""
@@ -471,6 +565,7 @@ class Index:
         self.conn.execute("DELETE FROM symlinks WHERE inode = ?", (ino,))
         self.conn.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
         self.conn.execute("DELETE FROM inodes WHERE id = ?", (ino,))
+        self._rows.pop(ino, None)
 
     def unlinked_inodes(self) -> list[int]:
         """Inodes with no names left (open-unlinked files of a previous run)."""
@@ -623,6 +718,7 @@ class Index:
         self.conn.execute(
             "UPDATE inodes SET namespace_id = ? WHERE id = ?", (cur.lastrowid, root_inode)
         )
+        self._rows.pop(root_inode, None)
         return cur.lastrowid
 
     def namespace_by_id(self, namespace_id: int) -> NamespaceRow | None:
@@ -647,6 +743,7 @@ class Index:
             "UPDATE namespaces SET root_inode = ? WHERE id = ?", (ino, namespace_id)
         )
         self.conn.execute("UPDATE inodes SET namespace_id = ? WHERE id = ?", (namespace_id, ino))
+        self._rows.pop(ino, None)
 
     def rename_namespace(self, namespace_id: int, name: str) -> None:
         self.conn.execute("UPDATE namespaces SET name = ? WHERE id = ?", (name, namespace_id))
@@ -975,6 +1072,7 @@ class Index:
                 row.ctime_ns, row.btime_ns, row.sha256, row.stored, row.id,
             ),
         )
+        self._rows.pop(row.id, None)
 
     def replace_xattrs(self, ino: int, xattrs: dict[bytes, bytes]) -> None:
         current = self.xattrs_of(ino)
