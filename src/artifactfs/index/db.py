@@ -1376,6 +1376,7 @@ class Index:
 
     def ops_set_nlink(self, ino: int, nlink: int) -> None:
         self.conn.execute("UPDATE inodes SET nlink = ? WHERE id = ?", (nlink, ino))
+        self._rows.pop(ino, None)
 
     def ops_remove_dentry_exact(self, parent: int, name: bytes, ino: int) -> None:
         self.conn.execute(
