@@ -37,6 +37,7 @@ from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import ROOT_INODE, Attr, Caller
 from artifactfs.core.policy import ADMIN
 from artifactfs.core.restore import restore as restore_tree
+from artifactfs.core.uploads import Uploader
 from artifactfs.credentials import authenticate, read_credential_file
 from artifactfs.errors import InvalidArgument, IsADirectory, NotADirectory, NotFound
 from artifactfs.index.db import NamespaceRow
@@ -132,10 +133,16 @@ class _Engine:
             async with trio.open_nursery() as nursery:
                 self.fs.start(nursery, reclaim_orphans=not others)
                 nursery.start_soon(self._follow_feed)
+                remote = self.store.remote
+                uploader = Uploader(index, remote) if remote is not None else None
+                if uploader is not None:
+                    nursery.start_soon(uploader.run)
                 self._stop = trio.Event()
                 started(trio.lowlevel.current_trio_token())
                 await self._stop.wait()
                 await self.fs.shutdown()
+                if uploader is not None:  # as a mount does at unmount
+                    await uploader.drain(600.0)
                 nursery.cancel_scope.cancel()
         finally:
             with index.txn():

@@ -118,3 +118,45 @@ def test_mounted_s3_store_sync_kill_and_restore(
         assert digests(ws / "copy") == want
         assert digests(ws / "untar") == want
         assert (ws / "extra.bin").read_bytes() == extra
+
+
+def test_mount_uploads_in_the_background_and_after_a_crash(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, s3_prefix: str
+) -> None:
+    """The daemon's uploader: unmount drains the queue (no sync needed); blocks left queued
+    by a kill -9 are uploaded by the next mount on its own."""
+    import time
+
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    init_store(store, s3=settings(s3_server, s3_bucket, s3_prefix), credentials=CREDS)
+    data = hashlib.shake_256(b"bg").digest(3 * 1024 * 1024 + 5)
+    with mounted(store, mnt, init=False) as m:
+        ws = workspace(m.mountpoint)
+        (ws / "a.bin").write_bytes(data)
+    assert queue(store) == 0  # unmount waited for the uploads
+    with mounted(store, mnt, init=False) as m:
+        ws = m.mountpoint / "t" / "shared" / "ws"
+        s3_server.pause()  # the store is away: the blocks stay queued
+        try:
+            fd = os.open(ws / "b.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data[::-1])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            kill_daemon(m)
+        finally:
+            s3_server.resume()
+    assert queue(store) > 0
+    with mounted(store, mnt, init=False) as m:
+        deadline = time.monotonic() + 60
+        while queue(store) > 0:
+            assert time.monotonic() < deadline, "the mount did not upload the queue"
+            time.sleep(0.5)
+    shutil.rmtree(store / "cache")  # only the bucket has them now
+    (store / "cache").mkdir(mode=0o700)
+    with mounted(store, mnt, init=False) as m:
+        ws = m.mountpoint / "t" / "shared" / "ws"
+        assert (ws / "a.bin").read_bytes() == data
+        assert (ws / "b.bin").read_bytes() == data[::-1]

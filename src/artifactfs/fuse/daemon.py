@@ -20,6 +20,7 @@ import trio
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.policy import ADMIN
+from artifactfs.core.uploads import Uploader
 from artifactfs.credentials import Credential, authenticate, still_valid
 from artifactfs.fuse.adapter import FuseOperations
 from artifactfs.fuse.changes import follow_changes
@@ -41,6 +42,7 @@ class MountSettings:
     max_tasks: int = 64
     credential_token: str | None = None  # a scoped mount; None: the administrative view
     owner: tuple[int, int] | None = None  # show every node as owned by this uid:gid
+    upload_drain_timeout: float = 600.0  # remote stores: how long unmount waits for uploads
 
 
 def tune_read_ahead(mountpoint: Path, kb: int) -> bool:
@@ -116,10 +118,20 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 nursery.start_soon(follow_changes, store.index, fs, mount_id, seen)
                 if cred is not None:
                     nursery.start_soon(_watch_credential, store, fs, cred)
+                uploader = Uploader(store.index, store.remote) if store.remote else None
+                if uploader is not None:
+                    nursery.start_soon(uploader.run)  # uploads, reconcile, index backups
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, store, ready_fd)
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
                 await fs.shutdown()  # commits everything, the group transaction included
+                if uploader is not None:
+                    # Unmount waits for the upload queue (bounded), then backs the index up.
+                    if not await uploader.drain(settings.upload_drain_timeout):
+                        log.warning("unmounting with blocks not yet uploaded: "
+                                    "`artifactfs sync` uploads them")
+                    await uploader.backup()
+                    store.index.flush()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
