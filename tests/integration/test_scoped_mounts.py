@@ -274,3 +274,22 @@ def test_owner_option_for_containers(grid: mountutil.Mount, tmp_path: Path) -> N
     # The index keeps the real owners: the admin mount shows the creator's uid.
     assert os.stat(grid.mountpoint / "acme/shared/data/by-container").st_uid == 4242
     assert os.stat(grid.mountpoint / "acme/shared/data/f").st_uid == os.getuid()
+
+
+def test_session_expiry_removes_the_scope(grid: mountutil.Mount, tmp_path: Path) -> None:
+    store = grid.store
+    cred = issue(store, tmp_path / "s.cred", "alice", "gone", "--ttl", "2s")
+    with scoped(store, grid.mountpoint.parent / "gone", cred) as m:
+        (m.mountpoint / "acme/sess-gone/ws").mkdir()
+        (m.mountpoint / "acme/sess-gone/ws/f").write_text("temporary")
+    time.sleep(2.5)
+    assert "sess-gone" not in os.listdir(grid.mountpoint / "acme")  # invisible at once
+    cli("gc", "--store", str(store), "--grace", "0s")
+    left = subprocess.run(
+        ["sqlite3", str(store / "index.sqlite3"),
+         "SELECT count(*) FROM scopes WHERE name = 'sess-gone'"],
+        capture_output=True, text=True,
+    ).stdout.strip()
+    assert left == "0"
+    events = cli("log", "--store", str(store), "--type", "scope.destroy", "--json").stdout
+    assert "sess-gone" in events
