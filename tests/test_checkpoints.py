@@ -481,3 +481,20 @@ async def test_one_change_in_ten_thousand_files_writes_only_its_path(core: Core)
     assert second.manifest_bytes < first.manifest_bytes / 100
     changes = await diff(cp, ns, first.root, second.root)
     assert [(c.path, c.kind) for c in changes] == [("m7/l3/f42", "modified")]
+
+
+async def test_block_journalled_by_another_process_is_readable(core: Core) -> None:
+    """A small block another process (a mount, the API) committed to the journal and has not
+    stored yet is read from the index's journal, not reported missing."""
+    await core.write_file(f"{WS}/small", b"journalled elsewhere")
+    await core.io.drained()
+    digest = core.store.index.block_map(await core.resolve(f"{WS}/small"))[0]
+    data = core.store.backend.get(digest)
+    core.store.backend.delete(digest)
+    with core.store.index.txn():
+        core.store.index.add_pending_blobs([(digest, data)])
+    assert digest not in core.io.pending
+    assert await core.read_file(f"{WS}/small") == b"journalled elsewhere"
+    with core.store.index.txn():
+        core.store.index.remove_pending_blobs([digest])
+    core.store.backend.put(digest, data)  # as the other process's mover would

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
@@ -61,6 +61,10 @@ class BlockIO:
         self._moving = 0
         self._drained = trio.Event()
         self._drained.set()
+        # Small blocks journalled by ANOTHER process (a mount or the API writing the same
+        # store) are in the index's journal until that process's mover stores them: a miss
+        # in the backend looks there (set by FileSystem; runs in whatever thread reads).
+        self.journal: Callable[[bytes], bytes | None] | None = None
         # Files holding dirty blocks: sealed (stored in the background) when over budget, so
         # a writer never waits for a release that no one is going to make.
         self._tracked: weakref.WeakSet[Sealable] = weakref.WeakSet()
@@ -169,7 +173,16 @@ class BlockIO:
         try:
             return self.backend.get(digest)
         except NotFound:
-            raise _missing(digest) from None
+            return self._from_journal(digest)
+
+    def _from_journal(self, digest: bytes) -> bytes:
+        data = self.journal(digest) if self.journal is not None else None
+        if data is None:
+            try:  # the other process's mover may have stored it meanwhile
+                return self.backend.get(digest)
+            except NotFound:
+                raise _missing(digest) from None
+        return data
 
     def _read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
         out = []
@@ -181,7 +194,7 @@ class BlockIO:
             try:
                 out.append(self.backend.read(digest, offset, size))
             except NotFound:
-                raise _missing(digest) from None
+                out.append(self._from_journal(digest)[offset : offset + size])
         return out
 
     async def read_many(self, pieces: Sequence[tuple[bytes, int, int]]) -> list[bytes]:

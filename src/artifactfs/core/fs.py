@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -105,6 +106,9 @@ class FileSystem:
         self._nursery: trio.Nursery | None = None
         self._stored_journal: list[bytes] = []  # stored by the mover, rows not yet deleted
         self.checkpoints = Checkpoints(index, io)
+        self._journal_reader: Index | None = None
+        self._journal_lock = threading.Lock()
+        io.journal = self._journalled
         # `.snapshots`: virtual inodes, counted in `lookups` like real ones.
         self.snap = SnapView(index, io, self.checkpoints, self.lookups)
 
@@ -137,6 +141,10 @@ class FileSystem:
         await self.retire_journal()
         self.index.flush()
         self.checkpoints.close()
+        with self._journal_lock:
+            if self._journal_reader is not None:
+                self._journal_reader.conn.close()
+                self._journal_reader = None
 
     async def make_durable(self) -> None:
         """Everything committed so far, blobs first, onto stable storage (fsyncdir)."""
@@ -249,6 +257,14 @@ class FileSystem:
         if decision is Decision.READ_ONLY:
             raise ReadOnly()
         raise AccessDenied()
+
+    def _journalled(self, digest: bytes) -> bytes | None:
+        """Any thread: a small block another process journalled and has not stored yet, read
+        on a connection of its own (the main one belongs to the trio thread)."""
+        with self._journal_lock:
+            if self._journal_reader is None:
+                self._journal_reader = Index(self.index.path)
+            return self._journal_reader.pending_blob_data(digest)
 
     def require_write(self, ino: int) -> None:
         """Raise unless this view may change `ino` (the API asks before checkpoint ops)."""
