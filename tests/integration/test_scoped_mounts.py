@@ -81,6 +81,14 @@ def test_two_credentials_side_by_side(grid: mountutil.Mount, tmp_path: Path) -> 
         with pytest.raises(OSError) as exc:
             (b / "acme/shared/data/from-bob").write_text("no")
         assert exc.value.errno in (errno.EROFS, errno.EACCES)
+        # Nor through symlinks the kernel resolves, renames or hard links into hidden places.
+        os.symlink("../../user-bob/secret/key", a / "acme/sess-a1/work/peek")
+        with pytest.raises(FileNotFoundError):
+            (a / "acme/sess-a1/work/peek").read_text()
+        with pytest.raises(FileNotFoundError):
+            os.rename(a / "acme/sess-a1/work/out", a / "acme/user-bob/stolen")
+        with pytest.raises(FileNotFoundError):
+            os.link(a / "acme/sess-a1/work/out", a / "acme/sess-b1/planted")
         # A credential cannot make scopes or sandboxes.
         for d in (a / "acme/user-eve", a / "newsandbox"):
             with pytest.raises(PermissionError):
