@@ -498,3 +498,19 @@ async def test_block_journalled_by_another_process_is_readable(core: Core) -> No
     with core.store.index.txn():
         core.store.index.remove_pending_blobs([digest])
     core.store.backend.put(digest, data)  # as the other process's mover would
+
+
+async def test_sequential_reads_prefetch_on_remote_stores(core: Core) -> None:
+    """A sequential reader asks the backend (a remote store's cache) for the next blocks."""
+    asked: list[bytes] = []
+    core.store.backend.prefetch = lambda digests: asked.extend(digests)  # type: ignore[attr-defined]
+    try:
+        data = os.urandom(10 * core.bs)
+        await core.write_file(f"{WS}/big", data)
+        await core.io.drained()
+        blocks = core.store.index.block_map(await core.resolve(f"{WS}/big"))
+        assert await core.read_file(f"{WS}/big") == data
+        assert len(set(blocks.values())) == 10
+        assert set(asked) == {blocks[i] for i in range(1, 10)}
+    finally:
+        del core.store.backend.prefetch  # type: ignore[attr-defined]

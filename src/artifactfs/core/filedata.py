@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Chunks up to this size feed the whole-file digest on the trio thread (~10 us at 16 KiB);
 # larger ones go to a worker thread.
 INLINE_HASH_MAX = 16 * 1024
+# Remote stores: blocks fetched ahead of a sequential reader.
+PREFETCH_BLOCKS = 4
 
 
 class FileData:
@@ -54,6 +56,7 @@ class FileData:
         self.nursery = nursery
         self.ino = ino
         self.bs = io.block_size
+        self._read_end = 0  # where the last read ended: the next one at it is sequential
         self.size = size
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
@@ -115,12 +118,31 @@ class FileData:
             else:
                 piece = bytes(src[s:e])
                 parts.append(piece + bytes(e - s - len(piece)) if len(piece) < e - s else piece)
+        if off == self._read_end:
+            self._prefetch((end - 1) // bs + 1)
+        self._read_end = end
         if fetch:
             got = await self.io.read_many(fetch)
             for (pos, want), data in zip(fetch_at, got, strict=True):
                 # A stored block may end before the file does (the file grew since): zeros.
                 parts[pos] = data + bytes(want - len(data)) if len(data) < want else data
         return b"".join(p for p in parts if p is not None)
+
+    def _prefetch(self, first: int) -> None:
+        """A sequential reader: ask a remote store's cache to fetch the next blocks in the
+        background (a local backend has no `prefetch`)."""
+        prefetch = getattr(self.io.backend, "prefetch", None)
+        if prefetch is None:
+            return
+        digests = []
+        for idx in range(first, first + PREFETCH_BLOCKS):
+            if idx * self.bs >= self.size:
+                break
+            src = self._source(idx)
+            if isinstance(src, tuple):
+                digests.append(src[0])
+        if digests:
+            prefetch(digests)
 
     async def _current_block(self, idx: int) -> bytearray:
         src = self._source(idx)
