@@ -301,3 +301,34 @@ def test_session_expiry_removes_the_scope(grid: mountutil.Mount, tmp_path: Path)
     assert left == "0"
     events = cli("log", "--store", str(store), "--type", "scope.destroy", "--json").stdout
     assert "sess-gone" in events
+
+
+def test_running_daemons_sweep_expired_sessions(
+    grid: mountutil.Mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's sweeper runs in every daemon too: an expired session is removed without
+    `gc`, but only once no mount of that session is running."""
+    store = grid.store
+    cred = issue(store, tmp_path / "s.cred", "alice", "swept", "--ttl", "3s")
+
+    def left() -> str:
+        return subprocess.run(
+            ["sqlite3", str(store / "index.sqlite3"),
+             "SELECT count(*) FROM scopes WHERE name = 'sess-swept'"],
+            capture_output=True, text=True,
+        ).stdout.strip()
+
+    monkeypatch.setenv("ARTIFACTFS_SESSION_SWEEP_S", "0.5")
+    base = grid.mountpoint.parent
+    (base / "sweeper").mkdir()
+    with mountutil.mounted(store, base / "sweeper", init=False):
+        with scoped(store, base / "own", cred) as own:
+            (own.mountpoint / "acme/sess-swept/ws").mkdir()
+            (own.mountpoint / "acme/sess-swept/ws/f").write_text("until unmount")
+            time.sleep(4)
+            assert left() == "1"  # its own mount still reads it
+            assert (own.mountpoint / "acme/sess-swept/ws/f").read_text() == "until unmount"
+        deadline = time.monotonic() + 10
+        while left() != "0":
+            assert time.monotonic() < deadline, "the daemon did not sweep the expired session"
+            time.sleep(0.2)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import trio
 
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
+from artifactfs.core.gc import destroy_scope
+from artifactfs.core.nodes import Caller
 from artifactfs.core.policy import ADMIN
 from artifactfs.core.uploads import Uploader
 from artifactfs.credentials import Credential, authenticate, still_valid
+from artifactfs.errors import FsError
 from artifactfs.fuse.adapter import FuseOperations
 from artifactfs.fuse.changes import follow_changes
 from artifactfs.index.db import GROUP_COMMIT_INTERVAL
@@ -118,6 +122,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 nursery.start_soon(follow_changes, store.index, fs, mount_id, seen)
                 if cred is not None:
                     nursery.start_soon(_watch_credential, store, fs, cred)
+                nursery.start_soon(_sweep_sessions, store, io)
                 uploader = Uploader(store.index, store.remote) if store.remote else None
                 if uploader is not None:
                     nursery.start_soon(uploader.run)  # uploads, reconcile, index backups
@@ -189,6 +194,46 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), address)
     except OSError as exc:
         log.warning("could not notify systemd: %s", exc)
+
+
+async def _sweep_sessions(store: Store, io: BlockIO) -> None:
+    """The store's sweeper in every running daemon: session scopes past their expiry are
+    removed with their namespaces, as `artifactfs gc` does (every minute by default;
+    ARTIFACTFS_SESSION_SWEEP_S sets the interval)."""
+    interval = float(os.environ.get("ARTIFACTFS_SESSION_SWEEP_S", "60"))
+    # An administrative core of its own: this mount's view may not see the scope. Inodes it
+    # removes are announced as orphans in the change feed, and every mount, this one
+    # included, reclaims those it does not hold.
+    sweeper = FileSystem(store.index, io)
+    root = Caller(uid=0, gid=0)
+    while True:
+        await trio.sleep(interval)
+        # A session's own mounts may read on until they unmount: theirs waits till then.
+        busy = set()
+        for m in store.index.mounts():
+            c = store.index.credential(m.credential) if m.credential else None
+            if c is not None and _alive(m.pid):
+                busy.add((c.sandbox, c.session))
+        for scope, sandbox in store.index.ops_expired_sessions(time.time_ns()):
+            if (sandbox, scope.owner) in busy:
+                continue
+            try:
+                n = await destroy_scope(sweeper, scope, root)
+            except FsError as exc:  # another daemon or gc got there first
+                log.info("sweeping %s/%s: %s", sandbox, scope.name, exc)
+                continue
+            log.info("removed expired session %s/%s (%d namespaces)", sandbox, scope.name, n)
+        store.index.flush()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 async def _group_committer(store: Store) -> None:

@@ -140,6 +140,7 @@ class MountRow:
     mountpoint: str
     started_ns: int
     seen_seq: int
+    credential: str | None = None
 
 
 @dataclass(slots=True)
@@ -1168,7 +1169,8 @@ class Index:
         return [
             MountRow(*r)
             for r in self.conn.execute(
-                "SELECT id, pid, mountpoint, started_ns, seen_seq FROM mounts ORDER BY id"
+                "SELECT id, pid, mountpoint, started_ns, seen_seq, credential FROM mounts "
+                "ORDER BY id"
             )
         ]
 
