@@ -71,7 +71,7 @@ from artifactfs.core.manifest import ManifestError, child_digests, decode
 from artifactfs.core.nodes import Caller, NodeKind
 from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_ORPHAN
 from artifactfs.errors import ArtifactFsError, NotFound, StorageError
-from artifactfs.index.db import CheckpointRow, Index, ScopeRow
+from artifactfs.index.db import CheckpointRow, Index, ScopeRow, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,6 @@ class GcReport:
     lost: list[bytes] = field(default_factory=list)  # see the module doc
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def walk_manifests(
@@ -198,7 +188,7 @@ def _read_snapshot(path: Path, backend: BlobBackend, progress: Progress | None) 
 
 
 def live_mounts(index: Index) -> bool:
-    return any(_pid_alive(m.pid) for m in index.mounts())
+    return bool(index.live_mounts())
 
 
 # ---- sessions -------------------------------------------------------------------------------
@@ -382,7 +372,7 @@ async def collect(
     # 3. candidates
     cutoff = list_start - int(grace_s * 1e9)
     row_cutoff = time.time_ns() - int(grace_s * 1e9)
-    builds = [s for pid, s in snap.building if _pid_alive(pid)]
+    builds = [s for pid, s in snap.building if pid_alive(pid)]
     build_floor = min(builds) - BUILD_SLACK_NS if builds else None
     doomed: dict[bytes, int] = {}  # digest -> size; -1: only a `blobs` row
     for digest in listed.keys() | snap.rows.keys():

@@ -28,7 +28,6 @@ the live tree changed in between so that a manifest is missing, load it and try 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -333,18 +332,7 @@ async def _load_needed(
 
 
 def _live_mounts_behind(index: Index, seq: int) -> list[int]:
-    behind = []
-    for m in index.mounts():
-        if m.seen_seq >= seq:
-            continue
-        try:
-            os.kill(m.pid, 0)
-        except ProcessLookupError:
-            continue  # a daemon that died without unregistering
-        except PermissionError:
-            pass
-        behind.append(m.id)
-    return behind
+    return [m.id for m in index.live_mounts() if m.seen_seq < seq]
 
 
 async def wait_for_mounts(index: Index, seq: int, timeout: float = MOUNT_ACK_TIMEOUT) -> bool:

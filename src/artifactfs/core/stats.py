@@ -9,7 +9,6 @@ Must not import pyfuse3 or write SQL.
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
@@ -56,16 +55,6 @@ class StoreStats(BaseModel):
     mounts: list[MountStats]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def gather(index: Index, backend: BlobBackend) -> StoreStats:
     index.flush()
     with index.read_txn():
@@ -78,16 +67,15 @@ def gather(index: Index, backend: BlobBackend) -> StoreStats:
         cps, cp_bytes, manifest_bytes = index.ops_checkpoint_totals()
         nblobs, blob_bytes = index.stored_bytes()
         pending, pending_bytes = index.ops_pending_totals()
-        queue, queue_bytes = index.ops_upload_queue()
+        queue, queue_bytes = index.upload_queue_stats()
         mounts = [
             MountStats(
-                pid=pid,
-                mountpoint=mp,
-                started=datetime.fromtimestamp(started / 1e9, UTC),
-                credential=cred,
+                pid=m.pid,
+                mountpoint=m.mountpoint,
+                started=datetime.fromtimestamp(m.started_ns / 1e9, UTC),
+                credential=m.credential,
             )
-            for pid, mp, started, cred in index.ops_mounts()
-            if _alive(pid)
+            for m in index.live_mounts()
         ]
         namespaces = index.count_namespaces()
     used, free = backend.usage()

@@ -210,9 +210,9 @@ async def _sweep_sessions(store: Store, io: BlockIO) -> None:
         await trio.sleep(interval)
         # A session's own mounts may read on until they unmount: theirs waits till then.
         busy = set()
-        for m in store.index.mounts():
+        for m in store.index.live_mounts():
             c = store.index.credential(m.credential) if m.credential else None
-            if c is not None and _alive(m.pid):
+            if c is not None:
                 busy.add((c.sandbox, c.session))
         for scope, sandbox in store.index.ops_expired_sessions(time.time_ns()):
             if (sandbox, scope.owner) in busy:
@@ -224,16 +224,6 @@ async def _sweep_sessions(store: Store, io: BlockIO) -> None:
                 continue
             log.info("removed expired session %s/%s (%d namespaces)", sandbox, scope.name, n)
         store.index.flush()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 async def _group_committer(store: Store) -> None:

@@ -152,7 +152,8 @@ class EventRow:
     payload: dict[str, Any]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (registrations of dead daemons are stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -983,7 +984,7 @@ class Index:
     def start_building(self, pid: int) -> int:
         """Announce a checkpoint build (see the `building` table); drops rows of dead pids."""
         for row_id, other in self.conn.execute("SELECT id, pid FROM building").fetchall():
-            if not _pid_alive(other):
+            if not pid_alive(other):
                 self.conn.execute("DELETE FROM building WHERE id = ?", (row_id,))
         cur = self.conn.execute(
             "INSERT INTO building (pid, started_ns) VALUES (?, ?)", (pid, time.time_ns())
@@ -1161,9 +1162,13 @@ class Index:
 
     def drop_dead_mounts(self) -> int:
         """Forget registrations of daemons that died without unregistering."""
-        dead = [m.id for m in self.mounts() if not _pid_alive(m.pid)]
+        dead = [m.id for m in self.mounts() if not pid_alive(m.pid)]
         self.conn.executemany("DELETE FROM mounts WHERE id = ?", ((i,) for i in dead))
         return len(dead)
+
+    def live_mounts(self) -> list[MountRow]:
+        """Registered mounts whose daemon is alive."""
+        return [m for m in self.mounts() if pid_alive(m.pid)]
 
     def mounts(self) -> list[MountRow]:
         return [
@@ -1472,21 +1477,6 @@ class Index:
         ).fetchone()
         return int(n), int(total)
 
-    def ops_upload_queue(self) -> tuple[int, int]:
-        n, total = self.conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM blobs WHERE uploaded = 0"
-        ).fetchone()
-        return int(n), int(total)
-
-    def ops_mounts(self) -> list[tuple[int, str, int, str | None]]:
-        """(pid, mountpoint, started_ns, credential id) of registered mounts."""
-        return [
-            (int(p), str(m), int(s), None if c is None else str(c))
-            for p, m, s, c in self.conn.execute(
-                "SELECT pid, mountpoint, started_ns, credential FROM mounts ORDER BY id"
-            )
-        ]
-
     # log
 
     def ops_events(
@@ -1570,11 +1560,7 @@ class Index:
 
     def live_mount_pids(self) -> list[int]:
         """Pids of registered mounts whose process is alive (rows of dead ones are stale)."""
-        return [
-            int(pid)
-            for (pid,) in self.conn.execute("SELECT pid FROM mounts")
-            if _pid_alive(int(pid))
-        ]
+        return [m.pid for m in self.live_mounts()]
 
     def forget_host_state(self) -> None:
         """Drop what only meant something on the machine a backup was taken on (mounts,
