@@ -32,6 +32,7 @@ import trio
 from pydantic import BaseModel
 
 from artifactfs.core.blockio import BlockIO
+from artifactfs.core.changefeed import follow_changes
 from artifactfs.core.diff import diff as diff_trees
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import ROOT_INODE, Attr, Caller
@@ -45,7 +46,6 @@ from artifactfs.store import Store
 
 T = TypeVar("T")
 CHUNK = 1 << 20
-FEED_INTERVAL = 0.05
 
 
 class StatResult(BaseModel):
@@ -125,14 +125,17 @@ class _Engine:
             with index.txn():
                 index.drop_dead_mounts()
                 others = bool(index.mounts())
+                seen = index.max_change_seq()
                 mount_id = index.register_mount(
-                    os.getpid(), f"api:{os.getpid()}", index.max_change_seq(), self.credential_id
+                    os.getpid(), f"api:{os.getpid()}", seen, self.credential_id
                 )
             self.mount_id = mount_id
             index.publish_changes(mount_id)
             async with trio.open_nursery() as nursery:
                 self.fs.start(nursery, reclaim_orphans=not others)
-                nursery.start_soon(self._follow_feed)
+                # No kernel cache to drop: orphans are reclaimed and the feed acknowledged (a
+                # restore waits until every registered mount has seen its changes).
+                nursery.start_soon(follow_changes, index, self.fs, mount_id, seen)
                 remote = self.store.remote
                 uploader = Uploader(index, remote) if remote is not None else None
                 if uploader is not None:
@@ -152,23 +155,6 @@ class _Engine:
 
     async def stop(self) -> None:
         self._stop.set()
-
-    async def _follow_feed(self) -> None:
-        """No kernel cache to drop: only reclaim orphans and acknowledge (a restore waits
-        until every registered mount has seen its changes)."""
-        index = self.store.index
-        seen = index.max_change_seq()
-        while True:
-            await trio.sleep(FEED_INTERVAL)
-            top = index.max_change_seq()
-            if top <= seen:
-                continue
-            for _, kind, ino, _ in index.changes_after(seen, skip_origin=self.mount_id):
-                if kind == 2:
-                    self.fs.reap_orphan(ino)
-            seen = top
-            with index.txn():
-                index.set_mount_seen(self.mount_id, seen)
 
     # ---- paths ---------------------------------------------------------------------------------
 

@@ -108,7 +108,8 @@ class FileSystem:
         self.checkpoints = Checkpoints(index, io)
         self._journal_reader: Index | None = None
         self._journal_lock = threading.Lock()
-        io.journal = self._journalled
+        if io.journal is None:  # a second core on the same BlockIO (the sweeper) shares it
+            io.journal = self._journalled
         # `.snapshots`: virtual inodes, counted in `lookups` like real ones.
         self.snap = SnapView(index, io, self.checkpoints, self.lookups)
 
