@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from artifactfs.cli.common import StoreOption
-from artifactfs.cli.gc_cmd import parse_duration, phases
+from artifactfs.cli.gc_cmd import parse_duration
+from artifactfs.cli.progress import phases
 from artifactfs.cli.session import Session
 from artifactfs.core.fsck import FsckReport, check
 from artifactfs.core.gc import DEFAULT_GRACE_S

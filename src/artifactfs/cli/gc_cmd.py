@@ -1,22 +1,17 @@
 """`artifactfs gc`: reclaim blobs nothing references and sessions past their expiry, on a store
-directly (running mounts may keep writing: see core/gc.py for why that is safe).
-
-Also holds the terminal progress display the maintenance commands (gc, fsck) share.
-"""
+directly (running mounts may keep writing: see core/gc.py for why that is safe)."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-import sys
-from collections.abc import Iterator
 from typing import Annotated
 
 import typer
 
 from artifactfs.cli.common import StoreOption
+from artifactfs.cli.progress import phases
 from artifactfs.cli.session import Session, actor, human, run
-from artifactfs.core.gc import DEFAULT_GRACE_S, GcReport, Progress, collect
+from artifactfs.core.gc import DEFAULT_GRACE_S, GcReport, collect
 from artifactfs.errors import InvalidArgument
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)?")
@@ -29,34 +24,6 @@ def parse_duration(text: str) -> float:
     if m is None:
         raise InvalidArgument(f"{text!r} is not a duration: give e.g. 30s, 15m, 1h or 2d")
     return float(m.group(1)) * _UNIT[m.group(2)]
-
-
-@contextlib.contextmanager
-def phases(labels: dict[str, str]) -> Iterator[Progress | None]:
-    """A transient progress display on stderr when it is a terminal (None otherwise): one
-    line per phase, a bar when the phase's total is known, a count otherwise."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        tasks: dict[str, object] = {}
-
-        def advance(phase: str, n: int, total: int | None) -> None:
-            task = tasks.get(phase)
-            if task is None:
-                task = tasks[phase] = bar.add_task(labels.get(phase, phase), total=total)
-            bar.update(task, advance=n, total=total)  # type: ignore[arg-type]
-
-        yield advance
 
 
 def summary(report: GcReport) -> str:
