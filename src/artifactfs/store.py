@@ -211,15 +211,36 @@ def write_config(path: Path, config: StoreConfig) -> None:
     os.replace(tmp, path / CONFIG_NAME)
 
 
+# The bucket check of init and mount answers in a second or fails fast: a HEAD needs no long
+# read timeout, and one retry is enough for a hiccup. Measured against a SIGSTOPped server:
+# about 2 x read timeout; a refused connection fails at once.
+CHECK_CONNECT_TIMEOUT = 3.0
+CHECK_READ_TIMEOUT = 5.0
+
+
 def check_bucket(s3: S3Settings, credentials: S3Credentials | None) -> None:
     """One-line `StoreError` unless the bucket exists and the credentials may use it."""
-    remote = S3Backend(s3.location(), credentials, connect_timeout=5, read_timeout=10, attempts=2)
+    remote = S3Backend(
+        s3.location(),
+        credentials,
+        connect_timeout=min(s3.connect_timeout, CHECK_CONNECT_TIMEOUT),
+        read_timeout=min(s3.read_timeout, CHECK_READ_TIMEOUT),
+        attempts=1,  # botocore's retries after the first try
+    )
     try:
         remote.check_bucket()
     except StorageError as exc:
         raise StoreError(exc.message) from None
     finally:
         remote.close()
+
+
+def check_store_bucket(path: Path) -> None:
+    """For an S3 store: one-line `StoreError` unless its bucket answers and its keys (the
+    store's file or boto3's chain) may use it. A local store passes."""
+    config = load_config(path)
+    if config.backend == "s3" and config.s3 is not None:
+        check_bucket(config.s3, store_credentials(path))
 
 
 def store_credentials(path: Path) -> S3Credentials | None:

@@ -19,7 +19,13 @@ from artifactfs.cli.common import resolve_store, setup_logging
 from artifactfs.credentials import authenticate, read_credential_file
 from artifactfs.errors import MountError, StoreMissing
 from artifactfs.fuse.daemon import MountSettings, serve
-from artifactfs.store import Store, default_store_path, init_store, is_store
+from artifactfs.store import (
+    Store,
+    check_store_bucket,
+    default_store_path,
+    init_store,
+    is_store,
+)
 
 READY_TIMEOUT = 60.0
 
@@ -103,8 +109,11 @@ def mount(
     if credential is not None:
         token = read_credential_file(credential)
         _check_credential(path, token)  # refused here, in one line, before any daemon
-    if ready_fd is None:
+    if ready_fd is None:  # the spawned daemon's parent has checked all this
         check_mountpoint(mnt, create=mountpoint is None)
+        # Wrong keys or a missing bucket would mount and then fail every upload in the
+        # background: refuse in one line here, before any daemon, as init does.
+        check_store_bucket(path)
     settings = MountSettings(
         store=path,
         mountpoint=mnt,
