@@ -160,7 +160,7 @@ async def test_recheck_keeps_a_blob_referenced_after_the_snapshot(tmp_path: Path
         # ... then a writer commits a file whose only block is that blob.
         await core.write_file(f"{WS}/late", data)
         async with gc_store(path) as (store, _):
-            gone = await _delete_batch(store.index, store.backend, [digest], refs, 0, None)
+            gone, _ = await _delete_batch(store.index, store.backend, [digest], refs, 0, None)
         assert gone == []
         assert core.store.backend.has(digest)
         # A checkpoint recorded after the snapshot is walked before anything is deleted.
@@ -170,7 +170,7 @@ async def test_recheck_keeps_a_blob_referenced_after_the_snapshot(tmp_path: Path
         await core.fs.unlink(parent, b"late", core.caller)
         await settle(core)
         async with gc_store(path) as (store, _):
-            gone = await _delete_batch(
+            gone, _ = await _delete_batch(
                 store.index, store.backend, [digest, row.root], refs, 0, None
             )
         assert gone == [] and row.root in refs.roots

@@ -127,11 +127,28 @@ class CachedBackend:
                 self._entries[digest] = entry
                 self._used += entry.size
 
+    def cached_blocks(self) -> list[tuple[bytes, int, float, bool]]:
+        """Every block in the cache directory as it is now (all processes' puts), as
+        (digest, size, mtime, uploaded): not uploaded means pinned, the only copy."""
+        out: list[tuple[bytes, int, float, bool]] = []
+        for digest, size, mtime in self.local.iterate():
+            try:
+                mode = os.stat(self.local.path_of(digest)).st_mode
+            except FileNotFoundError:
+                continue  # evicted or deleted while we walked
+            out.append((digest, size, mtime, _is_clean(mode)))
+        return out
+
     def cache_usage(self) -> tuple[int, int, int]:
         """(bytes cached, bytes pinned (not yet uploaded), budget)."""
         with self._lock:
             pinned = sum(e.size for e in self._entries.values() if not e.clean)
             return self._used, pinned, self.budget
+
+    def cached_count(self) -> int:
+        """Blocks in the cache."""
+        with self._lock:
+            return len(self._entries)
 
     def pinned(self) -> list[tuple[bytes, float]]:
         """Every pinned block this process knows of, with its age in seconds."""
@@ -225,9 +242,18 @@ class CachedBackend:
     def put(self, digest: bytes, data: bytes | memoryview) -> bool:
         """Store the block in the cache, pinned (not uploaded). False if it was cached."""
         with self._lock:
-            if digest in self._entries:
+            hit = digest in self._entries
+            if hit:
                 self._entries.move_to_end(digest)
+        if hit:
+            # A dedup hit: the block is in use again. Refresh its mtime, which gc checks right
+            # before deleting (`delete_many_if_older`); if gc (another process) deleted it
+            # meanwhile, forget the entry and store the block again.
+            try:
+                os.utime(self.local.path_of(digest))
                 return False
+            except FileNotFoundError:
+                self._forget(digest)
         size = len(memoryview(data).cast("B"))
         self._reserve(size, wait=True)
         try:
@@ -269,15 +295,59 @@ class CachedBackend:
         return self.local.has(digest) or self.remote.has(digest)
 
     def delete(self, digest: bytes) -> bool:
-        """Remove the block from the cache and the bucket (garbage collection)."""
+        """Remove the block from the cache and the bucket."""
+        self._forget(digest)
+        here = self.local.delete(digest)
+        there = self.remote.delete(digest)
+        return here or there
+
+    def _forget(self, digest: bytes) -> None:
         with self._space:
             entry = self._entries.pop(digest, None)
             if entry is not None:
                 self._used -= entry.size
                 self._space.notify_all()
-        here = self.local.delete(digest)
-        there = self.remote.delete(digest)
-        return here or there
+
+    def drop_cached(self, digest: bytes) -> bool:
+        """Remove only the cached copy (fsck: a corrupt one the bucket holds intact; the next
+        read fetches and verifies it again). False if it was not cached."""
+        self._forget(digest)
+        return self.local.delete(digest)
+
+    def delete_many(self, digests: list[bytes]) -> None:
+        """Remove the blocks from the cache and the bucket (batched DeleteObjects), whatever
+        their state: for `fsck --repair`, which runs with the mounts stopped."""
+        for digest in digests:
+            self._forget(digest)
+            self.local.delete(digest)
+        self.remote.delete_many(digests)
+
+    def delete_many_if_older(self, digests: list[bytes], cutoff_ns: int) -> list[bytes]:
+        """gc's delete: remove each block from the cache and then, in batches, from the
+        bucket, unless the cache holds it pinned (not yet uploaded: the only copy, which the
+        uploader owns) or a put refreshed it since `cutoff_ns` (a writer uses it again).
+        Returns the digests deleted.
+
+        A put that starts meanwhile in another process finds the cached file gone (renamed
+        aside by `LocalBackend.delete_if_older`) and writes a fresh pinned copy, which stays
+        and is uploaded again once committed; so deleting the bucket object afterwards is
+        safe."""
+        gone: list[bytes] = []
+        for digest in digests:
+            try:
+                mode = os.stat(self.local.path_of(digest)).st_mode
+            except FileNotFoundError:
+                mode = None  # only in the bucket
+            if mode is not None:
+                if not _is_clean(mode):
+                    continue
+                # False: young (renamed back), or absent by now (evicted: go on).
+                if not self.local.delete_if_older(digest, cutoff_ns) and self.local.has(digest):
+                    continue
+            self._forget(digest)
+            gone.append(digest)
+        self.remote.delete_many(gone)
+        return gone
 
     def iterate(self) -> Iterator[tuple[bytes, int, float]]:
         """Every block in the cache or the bucket, once."""

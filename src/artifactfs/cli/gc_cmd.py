@@ -36,6 +36,10 @@ def summary(report: GcReport) -> str:
         line += f" ({', '.join(report.sessions)}; {report.namespaces} namespaces)"
     if report.kept_young or report.kept_building:
         line += f"; kept {report.kept_young + report.kept_building} younger than the grace period"
+    if report.kept_pinned:
+        line += f"; kept {report.kept_pinned} not yet uploaded (freed once in the bucket)"
+    if report.kept_touched:
+        line += f"; kept {report.kept_touched} a writer used again"
     return line
 
 
@@ -56,7 +60,8 @@ def gc(
     """Reclaim unreferenced blobs and sessions past their expiry.
 
     Frees blobs that no file, open file, checkpoint or in-flight write references, and
-    removes expired sessions with their namespaces and checkpoints.
+    removes expired sessions with their namespaces and checkpoints. On an S3 store the blocks
+    go from the local cache and the bucket (batched deletes); blocks not yet uploaded stay.
 
     Safe while mounts are running. Prints one summary line; the run is recorded in the log.
 

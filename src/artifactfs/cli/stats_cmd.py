@@ -18,7 +18,8 @@ def stats(
     """Show what the store holds and costs, and which mounts run.
 
     Namespaces per sandbox and scope, files, logical and stored bytes (dedup ratio),
-    checkpoints, blobs, the journal and upload queue, and running mounts.
+    checkpoints, blobs, the journal and upload queue, the local block cache of an S3 store
+    (used of its budget, and how much is not yet uploaded), and running mounts.
 
     Example: artifactfs stats --json
     """
@@ -51,6 +52,15 @@ def render(s: StoreStats) -> str:
         f"used, {human(s.backend_free_bytes)} free)",
         f"journal     {s.pending_blocks} block(s), {human(s.pending_bytes)}",
         f"uploads     {s.upload_queue} queued, {human(s.upload_queue_bytes)}",
+    ]
+    if s.cache is not None:
+        c = s.cache
+        share = 100 * c.used_bytes / c.budget_bytes if c.budget_bytes else 0.0
+        lines.append(
+            f"cache       {c.blocks} block(s), {human(c.used_bytes)} of {human(c.budget_bytes)} "
+            f"({share:.0f}%), {human(c.pinned_bytes)} not yet uploaded"
+        )
+    lines += [
         f"mounts      {len(s.mounts)}",
     ]
     for m in s.mounts:

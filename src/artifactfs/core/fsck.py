@@ -30,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
 from artifactfs.blobs.backend import BlobBackend
+from artifactfs.blobs.cached import CachedBackend
 from artifactfs.core.gc import DEFAULT_GRACE_S, References, live_mounts, walk_manifests
 from artifactfs.core.grid import grid_path_of
 from artifactfs.core.nodes import ROOT_INODE, NodeKind
@@ -52,8 +54,10 @@ BROKEN_MANIFEST = "broken-manifest"
 UNRECORDED_BLOB = "unrecorded-blob"
 STALE_BLOB_ROW = "stale-blob-row"
 ORPHAN_BLOB = "orphan-blob"
+NOT_IN_BUCKET = "not-in-bucket"
 
 MAX_NAMED = 5  # files or checkpoints named per finding, then a count
+VERIFY_THREADS = 8  # concurrent GETs when verifying a bucket (latency, not bandwidth, bound)
 
 # progress(phase, advance, total)
 Progress = Callable[[str, int, int | None], None]
@@ -81,9 +85,11 @@ class Finding:
 class FsckReport:
     findings: list[Finding] = field(default_factory=list)
     inodes: int = 0
-    blobs: int = 0  # stored blobs listed
-    verified: int = 0  # blobs re-hashed
+    blobs: int = 0  # stored blobs listed (on S3: in the bucket or the cache)
+    verified: int = 0  # blobs (on S3: objects and cached copies) re-hashed
     checkpoints: int = 0
+    bucket_objects: int | None = None  # S3 stores: objects in the bucket
+    cached: int | None = None  # S3 stores: blocks in the local cache
 
     @property
     def clean(self) -> bool:
@@ -134,12 +140,16 @@ def check(
         )
     index.flush()
     report = FsckReport()
-    fixes: list[Callable[[], None]] = []
+    fixes: list[tuple[Finding, Callable[[], None]]] = []  # index repairs, one transaction
+    blob_fixes: list[tuple[Finding, Callable[[], object]]] = []  # blob store repairs
+    orphans: list[tuple[Finding, bytes]] = []  # deleted together (batched on S3)
 
-    def finding(kind: str, message: str, fix: Callable[[], None] | None = None) -> None:
-        report.findings.append(Finding(kind, message, repairable=fix is not None))
+    def finding(kind: str, message: str, fix: Callable[[], None] | None = None) -> Finding:
+        found = Finding(kind, message, repairable=fix is not None)
+        report.findings.append(found)
         if fix is not None:
-            fixes.append(fix)
+            fixes.append((found, fix))
+        return found
 
     with index.read_txn():
         root = index.get_inode(ROOT_INODE)
@@ -195,12 +205,11 @@ def check(
         block_digests = index.ops_block_digests()
         checkpoints = index.ops_checkpoints()
         report.checkpoints = len(checkpoints)
-        listed: dict[bytes, tuple[int, float]] = {}
-        for digest, size, mtime in backend.iterate():
-            listed[digest] = (size, mtime)
-            if progress is not None:
-                progress("list", 1, None)
-        report.blobs = len(listed)
+        stored = _list_stored(backend, progress)
+        report.blobs = len(stored.blobs)
+        if stored.bucket is not None:
+            report.bucket_objects = len(stored.bucket)
+            report.cached = len(stored.cached)
 
         refs = References()
         per_checkpoint: dict[int, References] = {}
@@ -228,26 +237,40 @@ def check(
                 parts.append(f"checkpoint(s) {_named(cps)}")
             return "; ".join(parts) or "nothing references it"
 
+        remote = backend if isinstance(backend, CachedBackend) else None
         referenced = block_digests | refs.digests
-        missing: set[bytes] = set()
+        cache_only: list[bytes] = []  # referenced, in a remote store's cache, not in the bucket
         for digest in sorted(referenced):
-            if digest in listed or digest in pending:
+            if digest in stored.blobs or digest in pending:
                 if digest not in rows:
-                    size = listed[digest][0] if digest in listed else -1
+                    size = stored.blobs[digest][0] if digest in stored.blobs else -1
                     if size >= 0:
                         finding(
                             UNRECORDED_BLOB,
                             f"blob {digest.hex()} is stored and used but has no blobs row",
                             partial(index.record_blobs, [(digest, size)], time.time_ns()),
                         )
+                if stored.in_cache_only(digest) and digest not in pending:
+                    cache_only.append(digest)
                 continue
             if digest in refs.broken:
                 continue  # reported as a broken manifest below
-            missing.add(digest)
+            where = "the bucket and the local cache" if remote else "the blob store"
             finding(
-                MISSING_BLOB,
-                f"blob {digest.hex()} is missing from the blob store: {breaks({digest})}",
+                MISSING_BLOB, f"blob {digest.hex()} is missing from {where}: {breaks({digest})}"
             )
+        # In the cache only: fine while the upload queue has it (`uploaded = 0`: the
+        # uploader's work), lost from the bucket if the index says it was uploaded.
+        if remote is not None:
+            for digest, uploaded in sorted(index.upload_states(cache_only).items()):
+                if uploaded:
+                    found = finding(
+                        NOT_IN_BUCKET,
+                        f"blob {digest.hex()} was uploaded but the bucket does not have it (the "
+                        f"local cache has a copy, which may be evicted): {breaks({digest})}",
+                    )
+                    found.repairable = True
+                    blob_fixes.append((found, partial(remote.upload, digest)))
         for digest, why in sorted(refs.broken.items()):
             cps = [
                 _checkpoint_name(index, cp)
@@ -258,58 +281,208 @@ def check(
                 BROKEN_MANIFEST,
                 f"manifest {digest.hex()} is {why}: breaks checkpoint(s) {_named(cps)}",
             )
-        for digest in sorted(rows.keys() - listed.keys() - pending - referenced):
+        for digest in sorted(rows.keys() - stored.blobs.keys() - pending - referenced):
             finding(
                 STALE_BLOB_ROW,
                 f"blobs row {digest.hex()} names a blob that is neither stored nor used",
                 partial(index.ops_delete_blob_rows, [digest]),
             )
         cutoff = time.time() - grace_s
-        for digest in sorted(listed.keys() - rows.keys() - referenced - pending):
-            size, mtime = listed[digest]
+        for digest in sorted(stored.blobs.keys() - rows.keys() - referenced - pending):
+            size, mtime = stored.blobs[digest]
             old = mtime < cutoff
-            finding(
+            found = finding(
                 ORPHAN_BLOB,
-                f"blob {digest.hex()} ({size} bytes) is stored but nothing knows it"
+                f"blob {digest.hex()} ({size} bytes) is stored{stored.where(digest)} but "
+                "nothing knows it"
                 + ("" if old else " (younger than the grace period: left alone)"),
-                partial(_delete_blob, backend, digest) if old else None,
             )
+            if old:
+                found.repairable = True
+                orphans.append((found, digest))
 
         if verify:
-            total = len(listed)
-            for digest in sorted(listed):
-                try:
-                    data = backend.get(digest)
-                except NotFound:
-                    continue  # deleted meanwhile (a running gc)
-                except StorageError as exc:
-                    finding(CORRUPT_BLOB, f"blob {digest.hex()} cannot be read: {exc.message}")
-                    continue
-                report.verified += 1
-                if hashlib.sha256(data).digest() != digest:
-                    finding(
-                        CORRUPT_BLOB,
-                        f"blob {digest.hex()} does not match its digest: {breaks({digest})}",
-                    )
-                if progress is not None:
-                    progress("verify", 1, total)
+            if remote is not None:
+                bad_bucket, bad_cache = _verify_remote(remote, stored, report, progress)
+            else:
+                bad_bucket, bad_cache = _verify_local(backend, stored, report, progress), {}
+            for digest, why in sorted(bad_bucket.items()):
+                # A good cached copy (verified just now) can be uploaded again: no guessing.
+                good_copy = remote is not None and digest in stored.cached
+                good_copy = good_copy and digest not in bad_cache
+                what = f"object of blob {digest.hex()} in the bucket" if remote else (
+                    f"blob {digest.hex()}")  # fmt: skip
+                found = finding(
+                    CORRUPT_BLOB,
+                    f"{what} {why}: {breaks({digest})}"
+                    + ("; the local cache has a good copy" if good_copy else ""),
+                )
+                if good_copy and remote is not None:
+                    found.repairable = True
+                    blob_fixes.append((found, partial(remote.upload, digest)))
+            for digest, why in sorted(bad_cache.items()):
+                assert remote is not None
+                # The bucket's copy (verified just now) is read again after dropping this one.
+                good_copy = stored.bucket is not None and digest in stored.bucket
+                good_copy = good_copy and digest not in bad_bucket
+                message = f"cached copy of blob {digest.hex()} {why}"
+                if good_copy:
+                    found = finding(CORRUPT_BLOB, message + "; the bucket has a good copy")
+                    found.repairable = True
+                    blob_fixes.append((found, partial(remote.drop_cached, digest)))
+                else:
+                    finding(CORRUPT_BLOB, f"{message} and is the only copy: {breaks({digest})}")
 
-    if repair and fixes:
-        with index.txn():
-            for fix in fixes:
-                fix()
-            # Link counts as the repaired entries leave them (a dangling entry of a directory
-            # was counted in its parent's). An inode left with no name keeps its count.
-            for ino, _, want in index.link_count_mismatches():
-                if want > 0:
-                    index.ops_set_nlink(ino, want)
-        for f in report.findings:
-            f.repaired = f.repairable
+    if repair:
+        if fixes:
+            with index.txn():
+                for _, fix in fixes:
+                    fix()
+                # Link counts as the repaired entries leave them (a dangling entry of a
+                # directory was counted in its parent's). An inode left with no name keeps it.
+                for ino, _, want in index.link_count_mismatches():
+                    if want > 0:
+                        index.ops_set_nlink(ino, want)
+            for f, _ in fixes:
+                f.repaired = True
+        # Blob store repairs after the index's (network calls stay out of its transaction).
+        for f, blob_fix in blob_fixes:
+            try:
+                blob_fix()
+                f.repaired = True
+            except ArtifactFsError as exc:
+                f.message += f" (repair failed: {exc.message})"
+        if orphans:
+            try:
+                _delete_stored(backend, [d for _, d in orphans])
+                for f, _ in orphans:
+                    f.repaired = True
+            except ArtifactFsError as exc:
+                for f, _ in orphans:
+                    f.message += f" (repair failed: {exc.message})"
     return report
 
 
-def _delete_blob(backend: BlobBackend, digest: bytes) -> None:
-    backend.delete(digest)
+@dataclass(slots=True)
+class _Stored:
+    """What the blob store holds. On a remote store: the bucket's objects and the cache's
+    copies too; `blobs` is their union with the newer mtime."""
+
+    blobs: dict[bytes, tuple[int, float]]  # digest -> (size, mtime)
+    bucket: dict[bytes, tuple[int, float]] | None = None  # None: not a remote store
+    cached: dict[bytes, bool] = field(default_factory=dict)  # cached copy -> uploaded
+
+    def where(self, digest: bytes) -> str:
+        if self.bucket is None:
+            return ""
+        places = [("the bucket", digest in self.bucket), ("the local cache", digest in self.cached)]
+        return " in " + " and ".join(p for p, have in places if have)
+
+    def in_cache_only(self, digest: bytes) -> bool:
+        return self.bucket is not None and digest in self.cached and digest not in self.bucket
+
+
+def _list_stored(backend: BlobBackend, progress: Progress | None) -> _Stored:
+    def tick() -> None:
+        if progress is not None:
+            progress("list", 1, None)
+
+    if not isinstance(backend, CachedBackend):
+        blobs: dict[bytes, tuple[int, float]] = {}
+        for digest, size, mtime in backend.iterate():
+            blobs[digest] = (size, mtime)
+            tick()
+        return _Stored(blobs)
+    # The cache first: a block uploaded and evicted while we list is then seen in the bucket,
+    # never in neither.
+    cached: dict[bytes, bool] = {}
+    blobs = {}
+    for digest, size, mtime, uploaded in backend.cached_blocks():
+        cached[digest] = uploaded
+        blobs[digest] = (size, mtime)
+        tick()
+    bucket: dict[bytes, tuple[int, float]] = {}
+    for digest, size, mtime in backend.remote.iterate():
+        bucket[digest] = (size, mtime)
+        have = blobs.get(digest)
+        blobs[digest] = (size, max(mtime, have[1]) if have is not None else mtime)
+        tick()
+    return _Stored(blobs, bucket, cached)
+
+
+def _verify_local(
+    backend: BlobBackend, stored: _Stored, report: FsckReport, progress: Progress | None
+) -> dict[bytes, str]:
+    """Re-hash every stored blob; returns the bad ones with why."""
+    bad: dict[bytes, str] = {}
+    total = len(stored.blobs)
+    for digest in sorted(stored.blobs):
+        _tally(_rehash(backend.get, digest), digest, bad, report)
+        if progress is not None:
+            progress("verify", 1, total)
+    return bad
+
+
+def _verify_remote(
+    backend: CachedBackend, stored: _Stored, report: FsckReport, progress: Progress | None
+) -> tuple[dict[bytes, str], dict[bytes, str]]:
+    """Re-hash every object downloaded from the bucket (straight from it, not through the
+    cache, several GETs at a time) and every cached copy. Returns (bad objects, bad copies)."""
+    assert stored.bucket is not None
+    total = len(stored.bucket) + len(stored.cached)
+    bad_bucket: dict[bytes, str] = {}
+    bad_cache: dict[bytes, str] = {}
+    for digest in sorted(stored.cached):
+        _tally(_rehash(backend.local.get, digest), digest, bad_cache, report)
+        if progress is not None:
+            progress("verify", 1, total)
+    digests = sorted(stored.bucket)
+    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="artifactfs-fsck") as pool:
+        for digest, outcome in zip(
+            digests, pool.map(partial(_rehash, backend.remote.get), digests), strict=True
+        ):
+            _tally(outcome, digest, bad_bucket, report)
+            if progress is not None:
+                progress("verify", 1, total)
+    return bad_bucket, bad_cache
+
+
+@dataclass(slots=True, frozen=True)
+class _Rehash:
+    read: bool  # the bytes were read (and so re-hashed)
+    problem: str  # "" when they hash to the digest
+
+
+def _rehash(get: Callable[[bytes], bytes], digest: bytes) -> _Rehash | None:
+    """Read and re-hash one blob; None if it is gone (deleted meanwhile by a running gc)."""
+    try:
+        data = get(digest)
+    except NotFound:
+        return None
+    except StorageError as exc:
+        return _Rehash(False, f"cannot be read ({exc.message})")
+    if hashlib.sha256(data).digest() != digest:
+        return _Rehash(True, "does not match its digest")
+    return _Rehash(True, "")
+
+
+def _tally(
+    outcome: _Rehash | None, digest: bytes, bad: dict[bytes, str], report: FsckReport
+) -> None:
+    if outcome is None:
+        return
+    if outcome.read:
+        report.verified += 1
+    if outcome.problem:
+        bad[digest] = outcome.problem
+
+
+def _delete_stored(backend: BlobBackend, digests: list[bytes]) -> None:
+    if isinstance(backend, CachedBackend):
+        backend.delete_many(digests)  # from the cache, then batched DeleteObjects
+        return
+    for digest in digests:
+        backend.delete(digest)
 
 
 def _checkpoint_name(index: Index, cp: CheckpointRow) -> str:

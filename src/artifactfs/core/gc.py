@@ -20,8 +20,8 @@ One run (`collect`):
   4. per batch, ONE write transaction re-checks every candidate against the index as it is
      now (block maps, journal, clean directories, a `blobs` row written meanwhile), walks any
      checkpoint recorded since the snapshot first, and deletes the `blobs` rows of what is
-     still garbage; only after that commit are the blobs deleted from the backend
-     (`delete_many` when the backend has it, else `delete` one by one);
+     still garbage; only after that commit are the blobs deleted from the backend, each only
+     if it is still older than the cutoff (see below);
   5. a `gc.run` event records the run.
 
 Why this is safe with mounts writing (the argument the race test checks):
@@ -41,13 +41,20 @@ Why this is safe with mounts writing (the argument the race test checks):
     wrote, the put made the blob's mtime young: the grace period (default one hour, longer
     than a file stays dirty in practice) protects it. With a grace of 0 only committed data
     is protected: exactly what the race test asserts.
-  - The one window left: a writer whose put finds the blob ALREADY stored (dedup hit, mtime
-    not refreshed) while that blob is garbage, and whose commit lands after the re-check. The
-    backend put does not refresh mtime on a hit, so neither the grace period nor the
-    re-check sees it. After deleting, gc re-reads the index and reports any deleted digest
-    that became referenced meanwhile (`lost`, in the report, the event and the log) so that
-    `fsck` can name the damage. Closing it needs the backend to refresh mtime on a hit and to
-    delete only blobs whose mtime is still old (see docs/ARCHITECTURE.md, "gc").
+  - A writer whose put finds the blob ALREADY stored (a dedup hit) while that blob is garbage,
+    and whose commit lands after the re-check: the put refreshes the blob's mtime, and the
+    backend deletes a blob only if its mtime is still older than the cutoff, checked after
+    renaming it aside (`delete_if_older`, `delete_many_if_older`), so either the put saw it
+    gone and stored it again, or the delete saw it young and kept it. After deleting, gc
+    still re-reads the index and reports any deleted digest that became referenced meanwhile
+    and is stored nowhere (`lost`, in the report, the event and the log) so that `fsck` can
+    name the damage.
+
+On a remote (S3) store the listing is the local cache and the bucket (a cached block's mtime
+is when it was put or fetched, a bucket object's its LastModified); a block the cache holds
+pinned (not yet uploaded) is never a candidate: it is the only copy and the uploader owns it
+(an unreferenced one is freed by a later run once uploaded). A deleted block leaves the cache
+first, then the bucket, in batched DeleteObjects requests.
 
 Must not import pyfuse3 or write SQL. Backend calls and the manifest walk run in worker
 threads; the deleting transactions too (on gc's own connection), so a mount sharing the
@@ -66,11 +73,12 @@ from pathlib import Path
 import trio
 
 from artifactfs.blobs.backend import BlobBackend
+from artifactfs.blobs.cached import CachedBackend
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.manifest import ManifestError, child_digests, decode
 from artifactfs.core.nodes import Caller, NodeKind
 from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_ORPHAN
-from artifactfs.errors import ArtifactFsError, NotFound, StorageError
+from artifactfs.errors import ArtifactFsError, Corrupt, NotFound, StorageError
 from artifactfs.index.db import CheckpointRow, Index, ScopeRow, pid_alive
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,8 @@ class GcReport:
     rows: int = 0  # `blobs` rows without a stored blob dropped
     kept_young: int = 0  # garbage younger than the grace period
     kept_building: int = 0  # garbage a running checkpoint build may still record
+    kept_pinned: int = 0  # garbage not yet uploaded from a remote store's cache
+    kept_touched: int = 0  # garbage a writer used again while gc deleted
     sessions: list[str] = field(default_factory=list)  # sandbox/sess-id
     namespaces: int = 0  # namespaces removed with them
     lost: list[bytes] = field(default_factory=list)  # see the module doc
@@ -140,6 +150,9 @@ def walk_manifests(
             refs.broken[digest] = "missing"
             continue
         except ManifestError as exc:
+            refs.broken[digest] = f"corrupt ({exc.message})"
+            continue
+        except Corrupt as exc:  # a remote store's fetch verifies the digest itself
             refs.broken[digest] = f"corrupt ({exc.message})"
             continue
         except StorageError as exc:
@@ -293,34 +306,60 @@ async def _remove_scope_dir(
 # ---- blobs ----------------------------------------------------------------------------------
 
 
-def _list_backend(backend: BlobBackend, progress: Progress | None) -> dict[bytes, tuple[int, int]]:
+@dataclass(slots=True)
+class _Listing:
+    blobs: dict[bytes, tuple[int, int]]  # digest -> (size, mtime ns)
+    pinned: set[bytes]  # in a remote store's cache, not yet uploaded
+
+
+def _list_backend(backend: BlobBackend, progress: Progress | None) -> _Listing:
+    """Worker thread: every stored blob. A remote store's cache is listed with its pinned bits
+    (its own walk), the bucket after it; a block in both keeps the cache's (younger) mtime."""
     out: dict[bytes, tuple[int, int]] = {}
+    pinned: set[bytes] = set()
     n = 0
-    for digest, size, mtime in backend.iterate():
-        out[digest] = (size, int(mtime * 1e9))
+
+    def add(digest: bytes, size: int, mtime: float) -> None:
+        nonlocal n
+        out.setdefault(digest, (size, int(mtime * 1e9)))
         n += 1
         if progress is not None and n % 256 == 0:
             progress("list", 256, None)
+
+    if isinstance(backend, CachedBackend):
+        for digest, size, mtime, uploaded in backend.cached_blocks():
+            add(digest, size, mtime)
+            if not uploaded:
+                pinned.add(digest)
+        for digest, size, mtime in backend.remote.iterate():
+            add(digest, size, mtime)
+    else:
+        for digest, size, mtime in backend.iterate():
+            add(digest, size, mtime)
     if progress is not None:
         progress("list", n % 256, None)
-    return out
+    return _Listing(out, pinned)
 
 
-def _delete_blobs(backend: BlobBackend, digests: list[bytes], cutoff_ns: int) -> None:
-    # A backend that can delete only what is still old closes the window of a writer whose
-    # put found the garbage blob present (a put refreshes the blob's mtime) after the re-check.
-    guarded = getattr(backend, "delete_if_older", None)
-    if guarded is not None:
-        for d in digests:
-            if not guarded(d, cutoff_ns):
-                log.info("gc kept blob %s: a writer touched it meanwhile", d.hex())
-        return
-    many = getattr(backend, "delete_many", None)
-    if many is not None:
-        many(digests)
-        return
-    for d in digests:
-        backend.delete(d)
+def _delete_blobs(backend: BlobBackend, digests: list[bytes], cutoff_ns: int) -> list[bytes]:
+    """Worker thread: delete what is still older than `cutoff_ns`; returns what went. A
+    backend that can delete only what is still old closes the window of a writer whose put
+    found the garbage blob present (a put refreshes the blob's mtime) after the re-check."""
+    if isinstance(backend, CachedBackend):
+        gone = backend.delete_many_if_older(digests, cutoff_ns)
+    else:
+        guarded = getattr(backend, "delete_if_older", None)
+        if guarded is None:
+            for d in digests:
+                backend.delete(d)
+            return digests
+        # False: kept young, or absent (a `blobs` row without a blob): only the first stays.
+        gone = [d for d in digests if guarded(d, cutoff_ns) or not backend.has(d)]
+    if len(gone) < len(digests):
+        kept = set(digests) - set(gone)
+        for d in sorted(kept):
+            log.info("gc kept blob %s: a writer used it again meanwhile", d.hex())
+    return gone
 
 
 async def collect(
@@ -355,7 +394,8 @@ async def collect(
 
     # 2. list, then snapshot
     list_start = time.time_ns()
-    listed = await trio.to_thread.run_sync(_list_backend, backend, progress)
+    listing = await trio.to_thread.run_sync(_list_backend, backend, progress)
+    listed = listing.blobs
     report.listed = len(listed)
     snap = await trio.to_thread.run_sync(_read_snapshot, index.path, backend, progress)
     refs = snap.refs
@@ -377,6 +417,11 @@ async def collect(
     doomed: dict[bytes, int] = {}  # digest -> size; -1: only a `blobs` row
     for digest in listed.keys() | snap.rows.keys():
         if digest in refs.digests:
+            continue
+        if digest in listing.pinned:
+            # Not yet uploaded: its row stays too, so the uploader uploads it and a later
+            # run frees it from the cache and the bucket together.
+            report.kept_pinned += 1
             continue
         stored = listed.get(digest)
         row = snap.rows.get(digest)
@@ -402,7 +447,8 @@ async def collect(
     total = len(order)
     for i in range(0, total, DELETE_BATCH):
         batch = order[i : i + DELETE_BATCH]
-        gone = await _delete_batch(index, backend, batch, refs, row_cutoff, progress)
+        gone, touched = await _delete_batch(index, backend, batch, refs, row_cutoff, progress)
+        report.kept_touched += len(touched)
         for d in gone:
             size = doomed[d]
             if size >= 0:
@@ -414,6 +460,9 @@ async def collect(
             progress("delete", len(batch), total)
         # Anything deleted that a writer named meanwhile (the dedup-hit window).
         late = index.ops_referenced_or_young(gone, row_cutoff)
+        if late:
+            # A writer that stored it again after the delete lost nothing.
+            late = {d for d in late if not await trio.to_thread.run_sync(backend.has, d)}
         if late:
             report.lost.extend(sorted(late))
             for d in sorted(late):
@@ -430,6 +479,8 @@ async def collect(
                 "bytes": report.nbytes,
                 "rows": report.rows,
                 "kept_young": report.kept_young,
+                "kept_pinned": report.kept_pinned,
+                "kept_touched": report.kept_touched,
                 "sessions": report.sessions,
                 "namespaces": report.namespaces,
                 "lost": [d.hex() for d in report.lost],
@@ -446,9 +497,10 @@ async def _delete_batch(
     refs: References,
     row_cutoff: int,
     progress: Progress | None,
-) -> list[bytes]:
+) -> tuple[list[bytes], list[bytes]]:
     """Re-check `batch` in one write transaction, drop the rows of what is still garbage,
-    then delete those blobs. Returns the digests deleted."""
+    then delete those blobs. Returns (the digests deleted, rows only included; those whose
+    blob a writer refreshed meanwhile and the backend kept)."""
 
     def recheck() -> tuple[list[bytes], list[bytes]]:
         """(roots of checkpoints recorded since the snapshot, or else the digests whose rows
@@ -476,8 +528,11 @@ async def _delete_batch(
             raise GcError(
                 "a checkpoint recorded during gc cannot be read: gc stopped; run `artifactfs fsck`"
             )
-    await trio.to_thread.run_sync(_delete_blobs, backend, keep, row_cutoff)
-    return keep
+    deleted = await trio.to_thread.run_sync(_delete_blobs, backend, keep, row_cutoff)
+    # A kept blob lost its row in the re-check: the writer's commit (INSERT OR IGNORE) wrote
+    # it again, or a later run finds the blob unreferenced.
+    touched = set(keep) - set(deleted)
+    return [d for d in keep if d not in touched], sorted(touched)
 
 
 def _checkpoints_reaching(snap: _Snapshot, backend: BlobBackend) -> list[str]:

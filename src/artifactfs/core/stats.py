@@ -1,7 +1,8 @@
 """Store statistics: what the grid holds, what it costs in storage, and what is running.
 
-`gather` reads everything from one read snapshot of the index; the only backend call is
-`usage()` (bytes used and free on the medium). The result is a pydantic model, so the CLI's
+`gather` reads everything from one read snapshot of the index; the only backend calls are
+`usage()` (bytes used and free on the medium) and, on a remote store, the local cache's figures
+(no network). The result is a pydantic model, so the CLI's
 `--json` output has a typed, documented shape.
 
 Must not import pyfuse3 or write SQL.
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from artifactfs.blobs.backend import BlobBackend
+from artifactfs.blobs.cached import CachedBackend
 from artifactfs.index.db import Index
 
 
@@ -30,6 +32,15 @@ class MountStats(BaseModel):
     mountpoint: str
     started: datetime
     credential: str | None  # None: the administrative view
+
+
+class CacheStats(BaseModel):
+    """The local block cache of a remote (S3) store, as its directory holds it now."""
+
+    blocks: int
+    used_bytes: int
+    budget_bytes: int
+    pinned_bytes: int  # not yet uploaded: the only copy, never evicted
 
 
 class StoreStats(BaseModel):
@@ -52,6 +63,7 @@ class StoreStats(BaseModel):
     upload_queue_bytes: int
     backend_used_bytes: int  # as the backend counts it (an estimate on local disk)
     backend_free_bytes: int
+    cache: CacheStats | None  # None: a local store
     mounts: list[MountStats]
 
 
@@ -79,6 +91,17 @@ def gather(index: Index, backend: BlobBackend) -> StoreStats:
         ]
         namespaces = index.count_namespaces()
     used, free = backend.usage()
+    cache = None
+    if isinstance(backend, CachedBackend):
+        # This process scanned the cache directory when it opened the store: the figures are
+        # those of every process's puts, uploads and evictions up to then.
+        cache_used, pinned, budget = backend.cache_usage()
+        cache = CacheStats(
+            blocks=backend.cached_count(),
+            used_bytes=cache_used,
+            budget_bytes=budget,
+            pinned_bytes=pinned,
+        )
     return StoreStats(
         sandboxes=len({s.sandbox for s in scopes}),
         namespaces=namespaces,
@@ -99,5 +122,6 @@ def gather(index: Index, backend: BlobBackend) -> StoreStats:
         upload_queue_bytes=queue_bytes,
         backend_used_bytes=used,
         backend_free_bytes=free,
+        cache=cache,
         mounts=mounts,
     )
