@@ -72,7 +72,8 @@ async def read(store: Path, path: str) -> bytes:
 )
 def test_help(cmd: str) -> None:
     res = run("checkpoint", cmd, "--help")
-    assert res.returncode == 0 and "Example: artifactfs checkpoint" in res.stdout
+    assert res.returncode == 0 and "Examples:" in res.stdout
+    assert f"artifactfs checkpoint {cmd} " in res.stdout
 
 
 async def test_create_list_diff_restore_delete(store: Path) -> None:

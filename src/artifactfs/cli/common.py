@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
@@ -19,6 +19,20 @@ StoreOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+# Help texts are rendered by rich: it keeps line breaks (click's plain formatter would rewrap
+# example lines into one paragraph).
+MARKUP: Final = "rich"
+
+
+def examples(*lines: str) -> str:
+    """An `epilog=` listing example invocations, one per line.
+
+    The leading newline keeps the indentation: typer dedents help text with
+    `inspect.cleandoc`, which strips the first line and the indent the others share."""
+    # A backslash keeps rich from reading "[...]" as markup.
+    return "\nExamples:\n" + "\n".join("  " + line.replace("[", "\\[") for line in lines)
 
 
 def resolve_store(path: Path | None) -> Path:

@@ -13,11 +13,12 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 import typer
+from pydantic import BaseModel
 
-from artifactfs.cli.common import StoreOption
+from artifactfs.cli.common import MARKUP, StoreOption, examples
 from artifactfs.cli.session import Session, actor, run
 from artifactfs.core.grid import ensure_dir
 from artifactfs.core.names import check_sandbox_name, parse_scope_name
@@ -38,6 +39,12 @@ app = typer.Typer(
     name="credential",
     help="Issue, list and revoke session credentials (what a scoped mount may see and do).",
     no_args_is_help=True,
+    rich_markup_mode=MARKUP,
+    epilog=examples(
+        "artifactfs credential issue --sandbox acme --user alice --ttl 2h -o alice.cred",
+        "artifactfs credential list --json",
+        "artifactfs credential revoke 3f2a9c0e4b1d4e6f8a7b5c3d2e1f0a9b",
+    ),
 )
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -51,7 +58,22 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def _state(row: CredentialRow, now_ns: int) -> str:
+class CredentialItem(BaseModel):
+    """One line of `credential list --json` (never the token: the store does not keep it)."""
+
+    id: str
+    sandbox: str
+    user: str
+    session: str
+    grants: dict[str, str]  # shared / user -> ro or rw
+    issued_ns: int
+    expires_ns: int
+    revoked_ns: int | None
+    issuer: str
+    state: Literal["active", "expired", "revoked"]
+
+
+def _state(row: CredentialRow, now_ns: int) -> Literal["active", "expired", "revoked"]:
     if row.revoked_ns is not None:
         return "revoked"
     return "expired" if row.expires_ns <= now_ns else "active"
@@ -61,7 +83,13 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "artifactfs credential issue --sandbox acme --user alice --ttl 2h -o alice.cred",
+        "artifactfs credential issue --sandbox acme --user ci --session build-42 --ttl 30m "
+        "--shared ro -o ci.cred",
+    )
+)
 def issue(
     sandbox: Annotated[str, typer.Option(help="The sandbox the credential is for.")],
     user: Annotated[str, typer.Option(help="The user it acts as (scope user-<id>).")],
@@ -80,7 +108,7 @@ def issue(
 ) -> None:
     """Issue a credential for one sandbox, user and session.
 
-    Example: artifactfs credential issue --sandbox acme --user alice --ttl 2h -o alice.cred
+    Without -o, prints the credential with its token as JSON on stdout.
     """
     check_sandbox_name(sandbox.encode())
     parse_scope_name(f"user-{user}".encode())
@@ -155,12 +183,22 @@ def _access(value: str) -> Access:
     return "ro" if value == "ro" else "rw"
 
 
-@app.command("list")
+@app.command(
+    "list",
+    epilog=examples(
+        "artifactfs credential list",
+        "artifactfs credential list --json | jq -r 'select(.state == \"active\") | .id'",
+    ),
+)
 def list_(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     store: StoreOption = None,
 ) -> None:
-    """List the store's credentials: active, expired and revoked."""
+    """List the store's credentials: active, expired and revoked.
+
+    With --json: one object per line (id, sandbox, user, session, grants, issued_ns,
+    expires_ns, revoked_ns, issuer, state).
+    """
 
     async def go(s: Session) -> list[CredentialRow]:
         return s.store.index.credentials()
@@ -169,19 +207,20 @@ def list_(
     now = time.time_ns()
     if json_out:
         for r in rows:
-            out: dict[str, Any] = {
-                "id": r.id,
-                "sandbox": r.sandbox,
-                "user": r.user,
-                "session": r.session,
-                "grants": r.grants,
-                "issued_ns": r.issued_ns,
-                "expires_ns": r.expires_ns,
-                "revoked_ns": r.revoked_ns,
-                "issuer": r.issuer,
-                "state": _state(r, now),
-            }
-            sys.stdout.write(json.dumps(out) + "\n")
+            item = CredentialItem(
+                id=r.id,
+                sandbox=r.sandbox,
+                user=r.user,
+                session=r.session,
+                grants=r.grants,
+                issued_ns=r.issued_ns,
+                expires_ns=r.expires_ns,
+                revoked_ns=r.revoked_ns,
+                issuer=r.issuer,
+                state=_state(r, now),
+            )
+            # json.dumps, not model_dump_json: scripts already match its `"key": value` form.
+            sys.stdout.write(json.dumps(item.model_dump(mode="json")) + "\n")
         return
     typer.echo(f"{'ID':<32}  {'SANDBOX':<12} {'USER':<12} {'SESSION':<16} GRANTS       "
                f"{'EXPIRES':<23} STATE")
@@ -193,7 +232,13 @@ def list_(
         )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "artifactfs credential revoke 3f2a9c0e4b1d4e6f8a7b5c3d2e1f0a9b",
+        "artifactfs credential list --json | jq -r 'select(.user == \"alice\") | .id' "
+        "| xargs -n1 artifactfs credential revoke",
+    )
+)
 def revoke(
     cred_id: Annotated[str, typer.Argument(metavar="ID", help="The credential id (see list).")],
     store: StoreOption = None,

@@ -69,11 +69,8 @@ def init(
 ) -> None:
     """Create a store (idempotent).
 
-    Examples:
-      artifactfs init /var/lib/artifactfs/store
-      artifactfs init STORE --backend s3 --endpoint http://127.0.0.1:8333 --bucket art \
-        --cache-size 20G
-      artifactfs init NEWSTORE --restore-from-bucket --endpoint http://127.0.0.1:8333 --bucket art
+    Blocks live on this disk, or in an S3 bucket behind a bounded local cache; an S3 store
+    can be brought back from the index backup in its bucket.
     """
     path = resolve_store(store_arg or store)
     if backend is BackendKind.local and not restore_from_bucket:

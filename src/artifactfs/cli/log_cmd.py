@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 
 from artifactfs.cli.common import StoreOption
 from artifactfs.cli.gc_cmd import parse_duration
@@ -20,6 +21,17 @@ from artifactfs.index.db import EventRow
 POLL_INTERVAL = 0.5
 PAGE = 1000
 SUMMARY_WIDTH = 100
+
+
+class EventLine(BaseModel):
+    """One line of `log --json`."""
+
+    seq: int  # increasing, never reused: resume after the last one seen
+    time: datetime  # local time with its offset
+    time_ns: int
+    type: str  # namespace.create, checkpoint.restore, credential.issue, gc.run, ...
+    sandbox: str | None
+    payload: dict[str, Any]  # the event's fields (bytes as hex)
 
 
 def parse_since(text: str) -> int:
@@ -66,16 +78,16 @@ def summarize(payload: dict[str, Any]) -> str:
 def render(e: EventRow, as_json: bool) -> str:
     stamp = datetime.fromtimestamp(e.time_ns / 1e9).astimezone()
     if as_json:
-        return json.dumps(
-            {
-                "seq": e.seq,
-                "time": stamp.isoformat(),
-                "time_ns": e.time_ns,
-                "type": e.type,
-                "sandbox": e.sandbox,
-                "payload": plain(e.payload),
-            }
+        line = EventLine(
+            seq=e.seq,
+            time=stamp,
+            time_ns=e.time_ns,
+            type=e.type,
+            sandbox=e.sandbox,
+            payload=plain(e.payload),
         )
+        # json.dumps, not model_dump_json: scripts already match its `"key": value` form.
+        return json.dumps(line.model_dump(mode="json"))
     return (
         f"{stamp.strftime('%Y-%m-%d %H:%M:%S')}  {e.type:<20} {e.sandbox or '-':<12} "
         f"{summarize(e.payload)}"
@@ -102,7 +114,7 @@ def log(
 ) -> None:
     """Print the event log, oldest first: time, type, sandbox and a short payload summary.
 
-    Example: artifactfs log --type checkpoint. --since 1d --json
+    With --json: one object per line (seq, time, time_ns, type, sandbox, payload).
     """
     since_ns = parse_since(since) if since else None
     session = Session(store)

@@ -40,9 +40,8 @@ def sync(
 ) -> None:
     """Upload every block of an S3 store not yet in its bucket, and back up the index.
 
-    Waits for a running mount's uploader, or uploads itself when no mount runs.
-
-    Example: artifactfs sync --store /var/lib/artifactfs/store --timeout 600
+    Waits for a running mount's uploader, or uploads itself when no mount runs. Exits 4 if
+    blocks are still waiting when the timeout ends.
     """
     logging.basicConfig(level=logging.WARNING, format="artifactfs: %(message)s")
     path = resolve_store(store)

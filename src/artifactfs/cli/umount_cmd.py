@@ -34,10 +34,7 @@ def umount(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the daemon.")] = 120.0,
     lazy: Annotated[bool, typer.Option(help="Detach now even if busy (umount -l).")] = False,
 ) -> None:
-    """Unmount a grid; returns once everything is flushed and the daemon has exited.
-
-    Example: artifactfs umount ~/grid
-    """
+    """Unmount a grid; returns once everything is flushed and the daemon has exited."""
     mnt = mountpoint.expanduser().absolute()
     entry = mounts.lookup(mnt)
     if not mounts.is_mounted(mnt):

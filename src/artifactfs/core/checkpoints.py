@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST_CACHE = 4096
 
+# progress(phase, advance, total), the shape of core.gc.Progress (gc imports restore, which
+# imports this module, so the long-running core operations take the alias from here); total
+# is None while unknown. It may be called from a worker thread.
+Progress = Callable[[str, int, int | None], None]
+
 
 def check_checkpoint_name(name: str) -> bytes:
     raw = name.encode("utf-8", errors="surrogateescape")
@@ -115,11 +120,20 @@ class Built:
 class TreeBuilder:
     """Encodes the live state of one namespace from an index snapshot (worker thread)."""
 
-    def __init__(self, snap: Index, io: BlockIO, *, store_new: bool, reuse: bool = True) -> None:
+    def __init__(
+        self,
+        snap: Index,
+        io: BlockIO,
+        *,
+        store_new: bool,
+        reuse: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
         self.snap = snap
         self.io = io
         self.store_new = store_new
         self.reuse = reuse  # False re-encodes everything (tests compare the two)
+        self.progress = progress  # phases "scan" (dirty directories found), "encode"
 
     def _file_entry(
         self,
@@ -178,6 +192,8 @@ class TreeBuilder:
             children = self.snap.children(row.id)
             order.append((row, children))
             queue.extend(c for _, c in children if NodeKind(c.kind) is NodeKind.DIR)
+            if self.progress is not None:
+                self.progress("scan", 1, None)
         # ...then bottom-up: encode each once its child directories have digests.
         for row, children in reversed(order):
             blocks = self.snap.children_blocks(row.id)
@@ -206,6 +222,8 @@ class TreeBuilder:
             digest = self._emit(Manifest("dir", self_entry, entries), out)
             known[row.id] = (digest, files, nbytes)
             out.dirs.append(BuiltDir(row.id, digest, files, nbytes, child_dirs))
+            if self.progress is not None:
+                self.progress("encode", 1, len(order))
         out.root, out.files, out.nbytes = known[root.id]
 
 
@@ -296,7 +314,14 @@ class Checkpoints:
 
     # ---- taking and deleting ---------------------------------------------------------------
 
-    async def build(self, root_ino: int, *, store_new: bool, reuse: bool = True) -> Built:
+    async def build(
+        self,
+        root_ino: int,
+        *,
+        store_new: bool,
+        reuse: bool = True,
+        progress: Progress | None = None,
+    ) -> Built:
         """Encode a namespace's current committed state (worker thread, own snapshot)."""
         self.index.flush()
 
@@ -306,7 +331,9 @@ class Checkpoints:
                 root = snap.get_inode(root_ino)
                 if root is None:
                     raise NotFound("the namespace no longer exists")
-                return TreeBuilder(snap, self.io, store_new=store_new, reuse=reuse).build(root)
+                return TreeBuilder(
+                    snap, self.io, store_new=store_new, reuse=reuse, progress=progress
+                ).build(root)
 
         async with self._lock:
             built = await trio.to_thread.run_sync(run, limiter=self.io.limiter)
@@ -314,7 +341,10 @@ class Checkpoints:
             self.remember(digest, m)
         return built
 
-    async def create(self, ns: NamespaceRow, name: str, creator: str) -> CheckpointRow:
+    async def create(
+        self, ns: NamespaceRow, name: str, creator: str, *, progress: Progress | None = None
+    ) -> CheckpointRow:
+        """`progress`: phases "scan" and "encode" (directories), from the worker thread."""
         check_checkpoint_name(name)
         if self.index.checkpoint_by_name(ns.id, name) is not None:
             raise Exists(f"checkpoint {name!r} already exists")
@@ -327,7 +357,12 @@ class Checkpoints:
         self.index.flush()
         recorded = False
         try:
-            built = await self.build(ns.root_inode, store_new=True)
+            # `progress` only when given: substitutes for build (tests race a write against
+            # it) keep build's original signature.
+            if progress is None:
+                built = await self.build(ns.root_inode, store_new=True)
+            else:
+                built = await self.build(ns.root_inode, store_new=True, progress=progress)
             row = self._record(ns, name, creator, built, build_id)
             recorded = True
         finally:

@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 import cbor2
 import trio
 
-from artifactfs.core.checkpoints import Checkpoints, check_checkpoint_name
+from artifactfs.core.checkpoints import Checkpoints, Progress, check_checkpoint_name
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.grid import (
     GridPath,
@@ -197,9 +197,12 @@ async def export_checkpoint(
     *,
     actor: str,
     store_id: str = "",
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ExportResult:
-    """Write checkpoint `name` of `ns` to the file `dest` (which must not exist)."""
+    """Write checkpoint `name` of `ns` to the file `dest` (which must not exist).
+
+    `progress`: phases "manifests" (count) and "blocks" (bytes; the total is the checkpoint's
+    logical size, which blocks shared between files or holes leave short of)."""
     row = cp.get(ns.id, name)
     io = cp.io
     if dest.exists():
@@ -258,13 +261,15 @@ async def export_checkpoint(
             await trio.to_thread.run_sync(
                 writer.put_manifests, [(d, data) for d, data, _ in loaded], limiter=io.limiter
             )
+            if progress is not None:
+                progress("manifests", len(loaded), None)
             per_hop = max(1, BYTES_PER_HOP // io.block_size)
             for i in range(0, len(blocks), per_hop):
                 n = await trio.to_thread.run_sync(
                     writer.copy_blocks, io._get, blocks[i : i + per_hop], limiter=io.limiter
                 )
                 if progress is not None:
-                    progress(n)
+                    progress("blocks", n, row.bytes)
         trailer = {
             "end": {
                 "manifests": writer.manifests,
@@ -565,12 +570,14 @@ async def _steps(
     step: Callable[[int], int],
     done: Callable[[], bool],
     limiter: trio.CapacityLimiter,
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
+    phase: str,
+    total: int,
 ) -> None:
     while not done():
         n = await trio.to_thread.run_sync(step, BYTES_PER_HOP, limiter=limiter)
         if progress is not None:
-            progress(n)
+            progress(phase, n, total)
 
 
 async def read_header(path: Path) -> Header:
@@ -589,9 +596,12 @@ async def import_checkpoint(
     *,
     actor: str,
     caller: Caller,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ImportResult:
-    """Import the export file `path` as a new namespace at `target` (see the module doc)."""
+    """Import the export file `path` as a new namespace at `target` (see the module doc).
+
+    `progress`: phases "check" and "store" (bytes of the file's items, of the file's size:
+    each pass reads it through), then the restore's "load" and "apply"."""
     cp, index, io = fs.checkpoints, fs.index, fs.io
     if namespace_at(index, target) is not None:
         raise Exists(
@@ -608,7 +618,8 @@ async def import_checkpoint(
                 f"`artifactfs init --block-size {header.block_size}`"
             )
         scan = _Scan(reader, header, io.block_size)
-        await _steps(scan.step, lambda: scan.done, io.limiter, progress)
+        size = os.fstat(reader.f.fileno()).st_size
+        await _steps(scan.step, lambda: scan.done, io.limiter, progress, "check", size)
         need_manifests, files, nbytes = scan.check()
     finally:
         reader.close()
@@ -623,7 +634,7 @@ async def import_checkpoint(
     try:
         await trio.to_thread.run_sync(reader.header)
         store = _Store(reader, io.backend.put, set(sizes))
-        await _steps(store.step, lambda: store.done, io.limiter, progress)
+        await _steps(store.step, lambda: store.done, io.limiter, progress, "store", size)
     finally:
         reader.close()
     await io.sync()
@@ -659,7 +670,9 @@ async def import_checkpoint(
                 },
                 sandbox=target.sandbox,
             )
-        result = await restore(cp, ns, header.root, actor=actor, name=header.name)
+        result = await restore(
+            cp, ns, header.root, actor=actor, name=header.name, progress=progress
+        )
     except BaseException:
         with trio.CancelScope(shield=True):
             await _undo(fs, ns, row, created, caller)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from artifactfs.core.checkpoints import Checkpoints, entry_from_row
+from artifactfs.core.checkpoints import Checkpoints, Progress, entry_from_row
 from artifactfs.core.filedata import stored_estimate
 from artifactfs.core.manifest import DIR, FILE, SPECIAL, SYMLINK, Entry, Manifest
 from artifactfs.core.nodes import NodeKind
@@ -76,6 +76,8 @@ class _Apply:
     changes: list[tuple[int, int, bytes | None]] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)
     changed: int = 0
+    progress: Progress | None = None
+    dirs: int | None = None  # directories the walk should visit, for the progress total
 
     def manifest(self, digest: bytes | None) -> Manifest:
         if digest is None:
@@ -283,6 +285,8 @@ class _Apply:
             self.changes.append((CHANGE_INODE, row.id, None))
         if exact:
             self.index.set_clean(row.id, digest, files, nbytes)
+        if self.progress is not None:
+            self.progress("apply", 1, self.dirs)
         return exact, files, nbytes
 
     def blob(self, root: InodeRow, m: Manifest) -> None:
@@ -305,15 +309,24 @@ class _Apply:
 
 
 async def _load_needed(
-    cp: Checkpoints, root: InodeRow, digest: bytes, have: dict[bytes, Manifest]
-) -> None:
-    """Phase 1: load the manifests the walk will visit (read-only index queries)."""
+    cp: Checkpoints,
+    root: InodeRow,
+    digest: bytes,
+    have: dict[bytes, Manifest],
+    progress: Progress | None,
+) -> int:
+    """Phase 1: load the manifests the walk will visit (read-only index queries). Returns
+    how many directories the walk will visit."""
     index = cp.index
     todo: list[tuple[InodeRow | None, bytes]] = [(root, digest)]
+    visits = 0
     while todo:
         row, d = todo.pop()
+        visits += 1
         if d not in have:
             have[d] = await cp.manifest(d)
+            if progress is not None:
+                progress("load", 1, None)
         m = have[d]
         if m.kind != "dir":
             continue
@@ -329,6 +342,7 @@ async def _load_needed(
                 todo.append((child, e.manifest))
             else:
                 todo.append((None, e.manifest))
+    return visits
 
 
 def _live_mounts_behind(index: Index, seq: int) -> list[int]:
@@ -352,8 +366,11 @@ async def restore(
     actor: str,
     name: str | None = None,
     wait: bool = True,
+    progress: Progress | None = None,
 ) -> RestoreResult:
-    """Make namespace `ns` exactly the tree of root manifest `root` (see the module doc)."""
+    """Make namespace `ns` exactly the tree of root manifest `root` (see the module doc).
+
+    `progress`: phases "load" (manifests read) and "apply" (directories made so)."""
     index = cp.index
     index.flush()
     have: dict[bytes, Manifest] = {}
@@ -361,13 +378,15 @@ async def restore(
         root_row = index.get_inode(ns.root_inode)
         if root_row is None:
             raise NotFound("the namespace no longer exists")
-        await _load_needed(cp, root_row, root, have)
+        dirs = await _load_needed(cp, root_row, root, have, progress)
         try:
             with index.txn():
                 root_row = index.get_inode(ns.root_inode)
                 if root_row is None:
                     raise NotFound("the namespace no longer exists")
-                work = _Apply(index, ns, have, cp.io.block_size, time.time_ns())
+                work = _Apply(
+                    index, ns, have, cp.io.block_size, time.time_ns(), progress=progress, dirs=dirs
+                )
                 m = work.manifest(root)
                 if m.kind == "blob":
                     if NodeKind(root_row.kind) is not NodeKind.FILE:

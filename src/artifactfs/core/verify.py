@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from artifactfs.core.blockio import BlockIO
+from artifactfs.core.checkpoints import Progress
 from artifactfs.core.manifest import FILE, Entry, Manifest, ManifestError, decode, digest_of
 from artifactfs.errors import NotFound, StorageError
 
@@ -122,7 +123,7 @@ class _Verifier:
         self,
         io: BlockIO,
         journal: Mapping[bytes, bytes],
-        progress: Callable[[int], None] | None,
+        progress: Progress | None,
     ) -> None:
         self.io = io
         self.backend = io.backend
@@ -243,6 +244,8 @@ class _Verifier:
                     limiter=self.io.limiter,
                 )
             report.manifests += len(loaded)
+            if self.progress is not None:
+                self.progress("manifests", len(loaded), None)
             for (digest, path, kinds), (_, m, kind, detail) in zip(level, loaded, strict=True):
                 if m is not None and m.kind not in kinds:
                     kind, detail = CORRUPT_MANIFEST, f"a {m.kind} manifest out of place"
@@ -304,10 +307,14 @@ class _Verifier:
             batches[-1].append(c)
             weight += c.size + FILE_COST  # a small file costs an open and a read
 
+        # Progress in file bytes (each distinct content once): unlike block bytes, their
+        # total is known before anything is read.
+        total = sum(c.size for c in contents)
+
         async def run(batch: list[_Content]) -> None:
-            n = await trio.to_thread.run_sync(self._check_contents, batch, limiter=self.io.limiter)
+            await trio.to_thread.run_sync(self._check_contents, batch, limiter=self.io.limiter)
             if self.progress is not None:
-                self.progress(n)
+                self.progress("files", sum(c.size for c in batch), total)
 
         async with trio.open_nursery() as nursery:
             for batch in batches:
@@ -355,11 +362,12 @@ async def verify_tree(
     root: bytes,
     *,
     journal: Mapping[bytes, bytes] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Verify the tree whose root manifest digest is `root` (see the module docstring).
 
     `journal`: blocks committed but not yet in the backend (default: `io.pending`).
-    `progress`: called on the trio thread with the number of block bytes read by each batch.
+    `progress`: called on the trio thread, phases "manifests" (count) and "files" (bytes of
+    the distinct file contents checked, of a known total).
     """
     return await _Verifier(io, io.pending if journal is None else journal, progress).run(root)
