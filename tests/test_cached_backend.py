@@ -225,3 +225,31 @@ def test_endpoint_hanging_reads_fail_within_bound(
     assert c.get(d) == data  # back: the same read works
     assert hashlib.sha256(c.get(d)).digest() == d
     c.close()
+
+
+def test_gc_delete_keeps_pinned_and_reused_blocks(make) -> None:  # type: ignore[no-untyped-def]
+    """`delete_many_if_older` (gc): a pinned block stays, one a put used again after the cutoff
+    stays, the rest leave the cache and the bucket; a put in another process whose entry
+    went stale (deleted by gc) stores the block again instead of trusting its entry."""
+    gc_side: CachedBackend = make()
+    writer: CachedBackend = make()  # another process on the same cache directory
+    blocks = {name: blob(name, 3 * KB) for name in ("pinned", "reused", "old", "evicted")}
+    for name, (d, data) in blocks.items():
+        assert writer.put(d, data)
+        if name != "pinned":
+            writer.upload(d)
+    cutoff = time.time_ns()
+    for d, _ in blocks.values():  # written before the cutoff
+        os.utime(writer.local.path_of(d), ns=(cutoff - 10**9, cutoff - 10**9))
+    gc_side.local.delete(blocks["evicted"][0])  # only in the bucket now
+    d_reused, data_reused = blocks["reused"]
+    assert writer.put(d_reused, data_reused) is False  # a dedup hit: refreshes its mtime
+    digests = [d for d, _ in blocks.values()]
+    gone = gc_side.delete_many_if_older(digests, cutoff)
+    assert sorted(gone) == sorted([blocks["old"][0], blocks["evicted"][0]])
+    assert bucket_digests(gc_side) == {d_reused}  # the pinned block never went there
+    assert writer.local.has(blocks["pinned"][0]) and writer.local.has(d_reused)
+    d_old, data_old = blocks["old"]
+    assert not writer.local.has(d_old)
+    assert writer.put(d_old, data_old) is True  # its entry was stale: stored again, pinned
+    assert writer.local.has(d_old) and d_old in dict(writer.pinned())
