@@ -32,7 +32,8 @@ app = typer.Typer(
         "artifactfs umount ~/grid",
     )
     + "\n\nExit codes: 0 ok, 1 failed (one line on stderr says why), 2 store missing or "
-    "damaged, 3 mount failed, 4 verification failed or problems left, 5 credential refused.",
+    "damaged, or a wrong command line, 3 mount failed, 4 verification failed or problems "
+    "left, 5 credential refused.",
 )
 # Examples are registered with the commands (not in their docstrings) so that every command
 # shows them the same way, after its options; tests/test_cli_polish.py checks each has some.
