@@ -227,6 +227,7 @@ async def test_fsck_checks_the_bucket_against_the_index(
     res = afs("fsck", "--verify", "--store", store)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith("clean:")
+    assert "in the bucket" in res.stdout and " re-hashed" in res.stdout
 
     client = s3_server.client()
     a0, b0, c0, d0 = (min(block_digests(files[n])) for n in "abcd")

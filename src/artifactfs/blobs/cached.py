@@ -24,7 +24,13 @@ seconds; reads of blocks that are only in the bucket raise `StorageError` after 
 
 Everything here blocks (disk and network): call it from worker threads. Thread-safe. Several
 processes may share a cache directory; each keeps its own budget accounting (the daemon is the
-one that writes in bulk) and only ever deletes blocks that the file's mode says are clean.
+one that writes in bulk) and only ever evicts blocks that the file's mode says are clean.
+
+Garbage collection (`delete_many_if_older`) removes a block from the cache, then from the
+bucket in batches, and never one that is pinned or that a put refreshed since gc's cutoff: a
+put that hits the cache refreshes the file's mtime, and one whose entry went stale (another
+process deleted the file) stores the block again. `fsck --repair` (mounts stopped) deletes
+orphans whatever their state (`delete_many`) and drops corrupt cached copies (`drop_cached`).
 """
 
 from __future__ import annotations

@@ -26,14 +26,19 @@ class FsckFailed(ArtifactFsError):
 
 def fsck(
     verify: Annotated[
-        bool, typer.Option("--verify", help="Re-hash every blob against its digest (slow).")
+        bool,
+        typer.Option(
+            "--verify",
+            help="Re-hash every blob against its digest (slow; on S3, downloads every object).",
+        ),
     ] = False,
     repair: Annotated[
         bool,
         typer.Option(
             "--repair",
             help="Fix what needs no guessing: orphan rows, link counts, blob rows, orphan "
-            "blobs older than the grace period. Mounts must be stopped.",
+            "blobs older than the grace period; on S3, blocks the bucket lost or holds "
+            "corrupt are uploaded again from a good cached copy. Mounts must be stopped.",
         ),
     ] = False,
     grace: Annotated[
@@ -48,7 +53,9 @@ def fsck(
 
     Lists one line per problem; exits 0 when clean, 1 when every problem was repaired, 4
     when problems remain (a missing or corrupt block names the files and checkpoints it
-    breaks).
+    breaks). On an S3 store the bucket's keys are checked against the index (blocks still
+    waiting for upload count as present in the local cache) and --verify downloads and
+    re-hashes every object.
 
     Example: artifactfs fsck --verify
     """
@@ -80,9 +87,12 @@ def fsck(
 
 
 def summary(report: FsckReport, verify: bool) -> str:
+    where = ""
+    if report.bucket_objects is not None:
+        where = f" ({report.bucket_objects} in the bucket, {report.cached} in the local cache)"
     what = (
-        f"{report.inodes} inodes, {report.blobs} blobs"
-        + (f" ({report.verified} re-hashed)" if verify else "")
+        f"{report.inodes} inodes, {report.blobs} blobs{where}"
+        + (f", {report.verified} re-hashed" if verify else "")
         + f", {report.checkpoints} checkpoints"
     )
     if report.clean:

@@ -18,6 +18,17 @@ Checks, in order (each finding names its kind, what it is about and whether it w
   - with `verify`, every stored blob is re-hashed against its digest (a corrupt one is
     reported with what it breaks; never repaired: only a backup has the right bytes).
 
+On a remote (S3) store "stored" means in the bucket or in the local cache, listed in that
+order (a block uploaded and evicted meanwhile is then seen in the bucket). A referenced block
+only in the cache is present while the index queues it for upload (`uploaded = 0`); if the
+index says it was uploaded, the bucket lost it (`not-in-bucket`, repaired by uploading the
+cached copy again, which `upload` re-hashes first). Orphans are looked for in both places and
+deleted from both (batched DeleteObjects). `verify` re-hashes every cached copy and every
+object downloaded straight from the bucket (several GETs at a time, not through the cache): a
+corrupt object is rewritten from a good cached copy, a corrupt cached copy dropped when the
+bucket's is good; with no good copy anywhere it is only reported. Blob store repairs run
+after the index's transaction, so no network call holds it.
+
 Everything is read first, from one read snapshot; repairs then run in one transaction. Repairs
 are refused while a mount of the store is running (its in-memory state would disagree).
 
