@@ -5,11 +5,17 @@ of full blocks run in worker threads under one named CapacityLimiter (small ones
 INLINE_IO_MAX). Owns the mount-wide budget of dirty bytes held in memory, which gives writers
 backpressure, and the *pending* small blocks: committed to the index (journalled there) but
 not yet put into the backend, served from memory until the mover has stored them.
+
+A backend that is out of space (`NoSpace`: a remote store's cache full of blocks not yet
+uploaded for its `full_wait`, or a full disk) must not leave writers waiting for the budget
+forever: once a store or the mover is refused, a writer over budget fails with `NoSpace`
+(ENOSPC) at once, until a later store succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -17,7 +23,9 @@ from typing import Protocol
 import trio
 
 from artifactfs.blobs.backend import BlobBackend
-from artifactfs.errors import NotFound, StorageError
+from artifactfs.errors import NoSpace, NotFound, StorageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 1 << 20
 # Reads up to this size run on the trio thread, and sealed blocks up to this size are digested
@@ -68,23 +76,56 @@ class BlockIO:
         # Files holding dirty blocks: sealed (stored in the background) when over budget, so
         # a writer never waits for a release that no one is going to make.
         self._tracked: weakref.WeakSet[Sealable] = weakref.WeakSet()
+        # The backend's last refusal for lack of space, None once a store succeeds again.
+        # While set, a writer over budget fails instead of waiting: the budget is held by
+        # blocks the backend will not take (the mover retries them; nothing is lost).
+        self.no_space: NoSpace | None = None
+        # Written by the mover's worker thread, read by `moved` on the trio thread.
+        self._mover_refusal: NoSpace | None = None
+        self._refusing = False  # a writer was refused (logged once per episode)
 
     # ---- the dirty-bytes budget ---------------------------------------------------------------
 
     async def reserve(self, n: int) -> None:
-        """Account `n` more dirty bytes, waiting while the mount is over budget."""
+        """Account `n` more dirty bytes, waiting while the mount is over budget. Raises
+        `NoSpace` instead of waiting while the backend refuses blocks for lack of space."""
         while self.dirty_bytes + n > self.dirty_budget and self.dirty_bytes > 0:
+            if self.no_space is not None:
+                self._refuse_writer(self.no_space)
             for f in list(self._tracked):
                 f.seal_all()
             self._tracked.clear()
             await self._released.wait()
         self.dirty_bytes += n
 
+    def _refuse_writer(self, why: NoSpace) -> None:
+        if not self._refusing:
+            self._refusing = True
+            log.warning(
+                "writes fail with ENOSPC (%d MiB of written data wait for the block store): "
+                "%s; they resume by themselves once it takes blocks again",
+                self.dirty_bytes >> 20, why.message,
+            )  # fmt: skip
+        raise NoSpace(why.message)
+
+    def _backend_full(self, why: NoSpace | None) -> None:
+        """Trio thread: a store was refused for lack of space (`why`) or succeeded (None)."""
+        if why is None:
+            if self.no_space is not None and self._refusing:
+                log.info("the block store takes blocks again: writes go on")
+            self._refusing = False
+        self.no_space = why
+        if why is not None:
+            self._wake()  # waiting writers fail now instead of waiting for a release
+
     def track(self, f: Sealable) -> None:
         self._tracked.add(f)
 
     def release(self, n: int) -> None:
         self.dirty_bytes -= n
+        self._wake()
+
+    def _wake(self) -> None:
         self._released.set()
         self._released = trio.Event()
 
@@ -126,12 +167,21 @@ class BlockIO:
     def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> None:
         """Worker thread: store a batch of pending blocks (not yet synced: their journal rows
         stay until a later sync, see FileSystem.retire_journal)."""
-        for digest, data in batch:
-            self.backend.put(digest, data)
+        self._mover_refusal = None
+        try:
+            for digest, data in batch:
+                self.backend.put(digest, data)
+        except NoSpace as exc:
+            self._mover_refusal = exc  # told to writers by `moved`, on the trio thread
+            raise
 
     def moved(self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool) -> None:
         """The mover is done with `batch`: forget it (ok) or queue it again."""
         self._moving -= len(batch)
+        if ok:
+            self._backend_full(None)
+        elif self._mover_refusal is not None:
+            self._backend_full(self._mover_refusal)
         for digest, data in batch:
             if ok:
                 del self.pending[digest]
@@ -160,7 +210,14 @@ class BlockIO:
 
     async def store(self, data: bytes) -> bytes | None:
         """Hash and store one block; None for an all-zero block (a hole)."""
-        return await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
+        try:
+            digest = await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
+        except NoSpace as exc:
+            self._backend_full(exc)
+            raise
+        if digest is not None:
+            self._backend_full(None)
+        return digest
 
     async def load(self, digest: bytes) -> bytes:
         return await trio.to_thread.run_sync(self._get, digest, limiter=self.limiter)
