@@ -145,6 +145,25 @@ async def test_verify_json_lists_findings_and_still_fails(store: Path) -> None:
     assert "listed in the JSON" in res.stderr
 
 
+async def test_fsck_json_lists_findings_with_the_exit_status(store: Path) -> None:
+    s = ("--store", str(store))
+    clean = json.loads(ok("fsck", "--json", *s))
+    assert clean["clean"] is True and clean["findings"] == [] and clean["left"] == 0
+    assert clean["verified"] is None and clean["bucket_objects"] is None
+    assert clean["inodes"] > 0 and clean["blobs"] > 0 and clean["checkpoints"] == 1
+    root = json.loads(ok("checkpoint", "list", WS, "--json", *s))[0]["root"]
+    (store / "blobs" / "sha256" / root[:2] / root[2:4] / root).unlink()
+    res = run("fsck", "--json", "--verify", *s)
+    assert res.returncode == 4, res.stderr
+    result = json.loads(res.stdout)
+    assert result["clean"] is False and result["left"] == 1 and result["repaired"] == 0
+    assert result["verified"] == result["blobs"]
+    [finding] = result["findings"]
+    assert finding["kind"] == "broken-manifest" and root in finding["message"]
+    assert finding["repairable"] is False and finding["repaired"] is False
+    assert "1 problem(s) left" in res.stderr
+
+
 async def test_credential_list_and_log_as_json_lines(store: Path, tmp_path: Path) -> None:
     s = ("--store", str(store))
     run("credential", "issue", "--sandbox", "acme", "--user", "alice", "--session", "s1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from artifactfs.cli.common import StoreOption
 from artifactfs.cli.gc_cmd import parse_duration
@@ -16,6 +17,47 @@ from artifactfs.cli.session import Session
 from artifactfs.core.fsck import FsckReport, check
 from artifactfs.core.gc import DEFAULT_GRACE_S
 from artifactfs.errors import ArtifactFsError
+
+
+class FindingItem(BaseModel):
+    kind: str  # missing-blob, orphan-blob, wrong-nlink, ... (core/fsck.py)
+    message: str
+    repairable: bool
+    repaired: bool
+
+
+class FsckResult(BaseModel):
+    """`fsck --json`: the findings and the counts the summary line gives."""
+
+    clean: bool
+    findings: list[FindingItem]
+    repaired: int
+    left: int
+    inodes: int
+    blobs: int
+    verified: int | None  # None without --verify
+    checkpoints: int
+    bucket_objects: int | None  # S3 stores only
+    cached: int | None  # S3 stores only
+
+
+def result(report: FsckReport, verify: bool) -> FsckResult:
+    return FsckResult(
+        clean=report.clean,
+        findings=[
+            FindingItem(kind=f.kind, message=f.message, repairable=f.repairable,
+                        repaired=f.repaired)
+            for f in report.findings
+        ],
+        repaired=sum(1 for f in report.findings if f.repaired),
+        left=len(report.unrepaired),
+        inodes=report.inodes,
+        blobs=report.blobs,
+        verified=report.verified if verify else None,
+        checkpoints=report.checkpoints,
+        bucket_objects=report.bucket_objects,
+        cached=report.cached,
+    )  # fmt: skip
 
 
 class FsckFailed(ArtifactFsError):
@@ -47,6 +89,9 @@ def fsck(
             "--grace", metavar="DURATION", help="Orphan blobs younger than this are left alone."
         ),
     ] = f"{int(DEFAULT_GRACE_S)}s",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (findings and counts).")
+    ] = False,
     store: StoreOption = None,
 ) -> None:
     """Check the store: the index against itself and against the blob store.
@@ -55,9 +100,8 @@ def fsck(
     when problems remain (a missing or corrupt block names the files and checkpoints it
     breaks). On an S3 store the bucket's keys are checked against the index (blocks still
     waiting for upload count as present in the local cache) and --verify downloads and
-    re-hashes every object.
-
-    Example: artifactfs fsck --verify
+    re-hashes every object. With --json: one object (clean, findings with kind, message,
+    repairable and repaired, and the counts); the exit status is the same.
     """
     grace_s = parse_duration(grace)
     session = Session(store)
@@ -74,9 +118,12 @@ def fsck(
             )
     finally:
         session.close()
-    for finding in report.findings:
-        typer.echo(str(finding))
-    typer.echo(summary(report, verify))
+    if as_json:
+        typer.echo(result(report, verify).model_dump_json(indent=2))
+    else:
+        for finding in report.findings:
+            typer.echo(str(finding))
+        typer.echo(summary(report, verify))
     left = report.unrepaired
     if left:
         repairable = sum(1 for f in left if f.repairable)

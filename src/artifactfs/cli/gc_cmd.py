@@ -64,8 +64,6 @@ def gc(
     go from the local cache and the bucket (batched deletes); blocks not yet uploaded stay.
 
     Safe while mounts are running. Prints one summary line; the run is recorded in the log.
-
-    Example: artifactfs gc --dry-run && artifactfs gc
     """
     grace_s = parse_duration(grace)
 

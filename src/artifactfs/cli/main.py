@@ -78,6 +78,7 @@ app.command(
     epilog=examples(
         "artifactfs fsck",
         "artifactfs fsck --verify",
+        "artifactfs fsck --json | jq -r '.findings[].kind'",
         "artifactfs fsck --repair --store /var/lib/artifactfs/store",
     )
 )(fsck)

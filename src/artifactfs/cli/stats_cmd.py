@@ -20,8 +20,6 @@ def stats(
     Namespaces per sandbox and scope, files, logical and stored bytes (dedup ratio),
     checkpoints, blobs, the journal and upload queue, the local block cache of an S3 store
     (used of its budget, and how much is not yet uploaded), and running mounts.
-
-    Example: artifactfs stats --json
     """
     session = Session(store)
     try:
