@@ -38,6 +38,32 @@ INLINE_HASH_MAX = 16 * 1024
 PREFETCH_BLOCKS = 4
 
 
+class QuickLock:
+    """A trio lock whose uncontended acquire does not yield.
+
+    `trio.Lock.acquire` always passes through the scheduler, even when the lock is free; every
+    write and close takes this lock, and that pass (a task switch and an epoll poll) was a
+    measurable part of a small-file close. A contended acquire waits as `trio.Lock` does.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class FileData:
     def __init__(
         self,
@@ -69,7 +95,7 @@ class FileData:
         self.changed = False  # contents, size or times differ from the index
         self.opens = 0  # open handles
         self.users = 0  # open handles + internal users (truncate, digest)
-        self.lock = trio.Lock()  # serialises writers, truncates and commits of this file
+        self.lock = QuickLock()  # serialises writers, truncates and commits of this file
         self.pending = 0  # background stores in flight
         self._idle = trio.Event()
         self._idle.set()
