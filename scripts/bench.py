@@ -20,6 +20,11 @@ Examples:
   .venv/bin/python scripts/bench.py --quick --only plain,passthrough
   .venv/bin/python scripts/bench.py --repeat 5 --json /tmp/bench.json
   ARTIFACTFS=/usr/local/bin/artifactfs .venv/bin/python scripts/bench.py --only artifactfs
+  .venv/bin/python scripts/bench.py --quick --backend s3   # + an S3 store on a local SeaweedFS
+
+--backend s3 adds a column "artifactfs-s3" (the same workloads on a store whose blocks go to a
+SeaweedFS bucket started by the bench) and a table of upload and cold-read throughput next
+to boto3 alone against the same server (scripts/bench_s3.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_checkpoints  # a sibling script, not a package
+import bench_s3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PASSTHROUGH = REPO_ROOT / "scripts" / "passthrough.py"
@@ -579,6 +585,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write all runs and medians to this file")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="skip the checkpoint figures (scripts/bench_checkpoints.py) at the end")
+    p.add_argument("--backend", choices=("local", "s3"), default="local",
+                   help="s3: also run on an S3-backed store against a local SeaweedFS and "
+                   "compare its throughput with boto3 alone (scripts/bench_s3.py)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the temp dir for all targets goes (default /var/tmp)")
     return p.parse_args(argv)
@@ -623,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, dict[str, list[float]]] = {m.key: {t: [] for t in targets} for m in METRICS}
     settings: dict[str, list[str]] = {}
+    s3_table = ""
     load_before = load_note()
     root = Path(tempfile.mkdtemp(prefix="artifactfs-bench-", dir=args.workdir))
     failed = False
@@ -648,7 +658,13 @@ def main(argv: list[str] | None = None) -> int:
                     user, system = cpu_seconds(target.pid)
                     settings[t].append(f"{t}: daemon CPU {user:.1f} s user + {system:.1f} s "
                                        f"system over {repeat} run(s) of all workloads")
-    except BenchError as exc:
+        if args.backend == "s3":  # one run of the workloads on an S3 store, then throughput
+            s3_table = bench_s3.run(
+                root / "s3", lambda base, rep: run_workloads(base, params, assets, rep),
+                lambda key, value: runs[key].setdefault("artifactfs-s3", []).append(value),
+                ARTIFACTFS, fuse_mount, drop_caches, params.file_bytes)
+            targets.append("artifactfs-s3")
+    except (BenchError, bench_s3.S3BenchError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         failed = True
     finally:
@@ -674,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios are num/den of the two columns: for MB/s, reads/s and files/s rows a SPEED "
           "ratio (>1 = faster); for s rows a TIME ratio (>1 = slower)\n")
     print(render(medians, targets))
+    if s3_table:
+        print(f"\n{s3_table}")
     print("\ncache settings:")
     for t in targets:
         for line in settings.get(t, []):
