@@ -506,7 +506,8 @@ class FileSystem:
             # A new file is empty, and the digest of nothing is known.
             sha256=EMPTY_SHA256 if kind is NodeKind.FILE else None,
         )
-        self.index.add_dentry(parent.id, name, row.id)
+        if not self.index.add_new_dentry(parent.id, name, row.id):
+            raise Exists()  # the unit rolls back, the inode row with it
         if is_dir:
             self.index.add_nlink(parent.id, 1)
         self.index.touch_inode(parent.id, mtime_ns=now, ctime_ns=now)
@@ -529,7 +530,6 @@ class FileSystem:
             else:
                 self._check_inner_name(prow, name)
                 self._require(Op.WRITE, prow)
-                self._check_free(prow, name)
                 row = self._insert_child(
                     prow, name, NodeKind.DIR, mode, caller, namespace_id=prow.namespace_id, now=now
                 )
@@ -632,7 +632,6 @@ class FileSystem:
                 raise InvalidArgument("unknown file type")
             now = _now()
             with self.index.txn():
-                self._check_free(prow, name)
                 row = self._insert_child(
                     prow,
                     name,
@@ -660,7 +659,6 @@ class FileSystem:
                 )
             self._check_inner_name(prow, name)
             self._require(Op.WRITE, prow)
-            self._check_free(prow, name)
             return self._insert_child(
                 prow, name, NodeKind.FILE, mode, caller, namespace_id=prow.namespace_id, now=now
             )
@@ -693,7 +691,6 @@ class FileSystem:
             )
         now = _now()
         with self.index.txn():
-            self._check_free(prow, name)
             row = self._insert_child(
                 prow,
                 name,

@@ -617,6 +617,15 @@ class Index:
             "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
         )
 
+    def add_new_dentry(self, parent: int, name: bytes, ino: int) -> bool:
+        """Name `ino` in `parent` unless the name is taken (False): one statement where a
+        look-up first would take two."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+            (parent, name, ino),
+        )
+        return cur.rowcount == 1
+
     def remove_dentry(self, parent: int, name: bytes) -> None:
         self.conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
 
