@@ -286,3 +286,67 @@ async def test_journalled_block_is_stored_then_uploaded_and_lost_one_reported(
         assert "neither in the local cache nor in the bucket" in caplog.text
     finally:
         store.close()
+
+
+async def test_block_stored_by_the_mover_meanwhile_is_not_reported_lost(
+    s3_store: Path,
+) -> None:
+    """The race of a queued small block: the uploader finds it neither in the cache nor
+    journalled only because the mover stored it (and its journal row went) in between. It is
+    uploaded from the cache next round, not written off as lost."""
+    store = Store(s3_store)
+    try:
+        backend = cached_backend(store)
+        data = data_of("moved meanwhile", 3000)
+        digest = hashlib.sha256(data).digest()
+        with store.index.txn():
+            store.index.record_blobs([(digest, len(data))], time.time_ns())
+        backend.put(digest, data)  # the mover's put; no journal row any more
+        up = Uploader(store.index, backend, backup_interval=None)
+        assert await up._not_cached(digest) is False
+        assert up.lost == set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(up.run)
+            assert await up.drain(20)
+            nursery.cancel_scope.cancel()
+        assert backend.remote.get(digest) == data
+    finally:
+        store.close()
+
+
+async def test_uploader_puts_a_journalled_block_without_waiting_for_room(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, s3_prefix: str
+) -> None:
+    """A cache full of pinned blocks: the uploader's put of a journalled block fails at once
+    (it would wait for itself) and switches to uploading the pinned blocks first."""
+    path = tmp_path / "store"
+    init_store(path, block_size=BS, credentials=CREDS,
+               s3=settings(s3_server, s3_bucket, s3_prefix, cache_size=64 * 1024,
+                           full_wait=30.0))  # fmt: skip
+    store = Store(path)
+    try:
+        backend = cached_backend(store)
+        pinned = [data_of(f"pinned-{i}", 16 * 1024) for i in range(4)]
+        journalled = data_of("journalled", 16 * 1024)
+        jd = hashlib.sha256(journalled).digest()
+        with store.index.txn():  # the journalled block is the oldest row of the queue
+            store.index.record_blobs([(jd, len(journalled))], time.time_ns() - 10**9)
+            store.index.add_pending_blobs([(jd, journalled)])
+            store.index.record_blobs(
+                [(hashlib.sha256(p).digest(), len(p)) for p in pinned], time.time_ns()
+            )
+        for p in pinned:  # the cache is now full of blocks not yet uploaded
+            backend.put(hashlib.sha256(p).digest(), p)
+        up = Uploader(store.index, backend, batch=1, backup_interval=None)
+        t = time.monotonic()
+        assert await up._not_cached(jd) is False
+        assert time.monotonic() - t < 5, "waited for room the uploader itself must make"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(up.run)
+            assert await up.drain(60)
+            nursery.cancel_scope.cancel()
+        assert backend.remote.get(jd) == journalled
+        for p in pinned:
+            assert backend.remote.get(hashlib.sha256(p).digest()) == p
+    finally:
+        store.close()

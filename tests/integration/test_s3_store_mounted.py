@@ -162,10 +162,6 @@ def test_mount_uploads_in_the_background_and_after_a_crash(
         assert (ws / "b.bin").read_bytes() == data[::-1]
 
 
-@pytest.mark.skip(
-    reason="the uploader deadlocks with the mover once the cache is full of pinned blocks that "
-    "lie outside its queue window (core/uploads.py, blobs/cached.py): unskip with that fix"
-)
 def test_small_writes_get_enospc_while_the_store_is_away_then_go_on(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str, s3_prefix: str
 ) -> None:

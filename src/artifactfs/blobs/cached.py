@@ -245,8 +245,11 @@ class CachedBackend:
 
     # -- the BlobBackend protocol ---------------------------------------------------------------
 
-    def put(self, digest: bytes, data: bytes | memoryview) -> bool:
-        """Store the block in the cache, pinned (not uploaded). False if it was cached."""
+    def put(self, digest: bytes, data: bytes | memoryview, *, wait: bool = True) -> bool:
+        """Store the block in the cache, pinned (not uploaded). False if it was cached.
+
+        Without `wait`, a cache full of pinned blocks raises `NoSpace` at once (the uploader:
+        waiting would wait for itself)."""
         with self._lock:
             hit = digest in self._entries
             if hit:
@@ -261,7 +264,8 @@ class CachedBackend:
             except FileNotFoundError:
                 self._forget(digest)
         size = len(memoryview(data).cast("B"))
-        self._reserve(size, wait=True)
+        if not self._reserve(size, wait=wait):
+            raise NoSpace("the block cache is full of blocks not yet uploaded")
         try:
             written = self.local.put(digest, data)
         except BaseException:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from artifactfs.core.blockio import INLINE_IO_MAX, BlockIO
-from artifactfs.errors import FsError, StorageError
+from artifactfs.errors import FsError, NoSpace, StorageError
 
 if TYPE_CHECKING:
     from artifactfs.index.db import Index
@@ -184,9 +184,26 @@ class FileData:
         async with self.lock:
             if self.hasher is not None and off < self.hash_pos:
                 self.hasher = None
-            bs = self.bs
-            pos = 0
-            n_total = len(data)
+            try:
+                pos = await self._write_blocks(off, data)
+            except NoSpace as exc:
+                # Blocks written before the refusal are part of the file (a short write, as
+                # on a disk that fills up); nothing was written: the error.
+                pos = exc.written
+                if pos == 0:
+                    raise
+            if off + pos > self.size:
+                self.size = off + pos
+            self._touch()
+            return pos
+
+    async def _write_blocks(self, off: int, data: bytes) -> int:
+        """Copy `data` into the blocks at `off`; returns its length. A `NoSpace` carries
+        in `written` how many bytes went in before it."""
+        bs = self.bs
+        pos = 0
+        n_total = len(data)
+        try:
             while pos < n_total:
                 idx = (off + pos) // bs
                 s = off + pos - idx * bs
@@ -212,10 +229,10 @@ class FileData:
                 if s + n == bs:
                     # The block is complete: store it in the background while writing goes on.
                     self._seal(idx)
-            if off + n_total > self.size:
-                self.size = off + n_total
-            self._touch()
-            return n_total
+        except NoSpace as exc:
+            exc.written = pos
+            raise
+        return n_total
 
     def _set_dirty(self, idx: int, buf: bytearray) -> None:
         self.dirty[idx] = buf

@@ -154,16 +154,22 @@ class FileSystem:
 
     async def _mover(self) -> None:
         """Store journalled small blocks in the backend, in batches, off the request path."""
+        full = False  # a full backend is logged once, not at every retry
         while True:
             batch = await self.io.next_batch()
             try:
                 await trio.to_thread.run_sync(self.io.put_many, batch, limiter=self.io.limiter)
             except Exception as exc:
                 # The blocks stay journalled and readable; try again shortly.
-                log.error("storing %d journalled blocks failed: %s", len(batch), exc)
+                if not isinstance(exc, NoSpace):
+                    log.error("storing %d journalled blocks failed: %s", len(batch), exc)
+                elif not full:
+                    log.warning("journalled blocks wait for room in the block store: %s", exc)
+                full = isinstance(exc, NoSpace)
                 self.io.moved(batch, ok=False)
                 await trio.sleep(1.0)
                 continue
+            full = False
             self._stored_journal.extend(d for d, _ in batch)
             self.io.moved(batch, ok=True)
 

@@ -15,6 +15,7 @@ across an await.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -28,7 +29,7 @@ import trio
 
 from artifactfs.blobs.cached import CachedBackend
 from artifactfs.blobs.s3 import S3Backend
-from artifactfs.errors import Corrupt, NotFound, StorageError
+from artifactfs.errors import Corrupt, NoSpace, NotFound, StorageError
 from artifactfs.index.db import Index
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class Uploader:
         self.failures = 0
         self.store_away = False
         self.last_error: str | None = None
+        # A journalled block could not be put into the cache for lack of room (NoSpace):
+        # the next rounds upload pinned blocks first, which frees the room.
+        self._cache_full = False
 
     def kick(self) -> None:
         """Look at the queue now (new commits; the daemon may call it after each flush)."""
@@ -95,8 +99,15 @@ class Uploader:
                 nursery.start_soon(self._backups, self.backup_interval)
             backoff = 0.0
             while True:
-                rows = [r for r in self.index.upload_queue(self.batch + len(self.lost))
-                        if r[0] not in self.lost][: self.batch]  # fmt: skip
+                rows = []
+                if self._cache_full:
+                    # The oldest rows may all be journalled blocks the mover cannot put into
+                    # a cache full of pinned ones that lie further down the queue: take those
+                    # first, or neither side ever moves.
+                    rows = await self._pinned_rows()
+                if not rows:
+                    rows = [r for r in self.index.upload_queue(self.batch + len(self.lost))
+                            if r[0] not in self.lost][: self.batch]  # fmt: skip
                 if not rows:
                     await self._idle(self.poll_interval)
                     continue
@@ -126,6 +137,17 @@ class Uploader:
         with trio.move_on_after(seconds):
             await self._wake.wait()
         self._wake = trio.Event()
+
+    async def _pinned_rows(self) -> list[tuple[bytes, int]]:
+        """Queued blocks the cache holds pinned, up to a batch (empty when there are none,
+        which ends the cache-full mode)."""
+        pinned = await trio.to_thread.run_sync(self.backend.pinned)
+        candidates = [d for d, _ in pinned if d not in self.lost]
+        states = self.index.upload_states(candidates[: self.batch * 4])
+        rows = [(d, 0) for d in candidates[: self.batch * 4] if states.get(d) is False]
+        if not rows:
+            self._cache_full = False
+        return rows[: self.batch]
 
     def _signal_progress(self) -> None:
         self._progress.set()
@@ -187,7 +209,19 @@ class Uploader:
         row was not marked before a crash, then evicted), or lost. True if in the bucket."""
         data = self.index.pending_blob_data(digest)
         if data is not None:
-            await trio.to_thread.run_sync(self.backend.put, digest, data, limiter=self.limiter)
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(self.backend.put, digest, data, wait=False),
+                    limiter=self.limiter,
+                )
+            except NoSpace:
+                self._cache_full = True  # see run(): pinned blocks go first for a while
+            except StorageError as exc:
+                log.warning("cannot cache journalled block %s: %s", digest.hex(), exc.message)
+            return False
+        if self.backend.is_cached(digest):
+            # The mover stored it (and the journal row went) since `_upload` looked: it is
+            # uploaded from the cache next round.
             return False
         try:
             there = await trio.to_thread.run_sync(
