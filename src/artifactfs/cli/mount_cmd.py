@@ -94,7 +94,6 @@ def mount(
     With no arguments, serves the default store (created if missing) at ~/grid. Returns once
     the mount answers; unmount with `artifactfs umount MOUNTPOINT`.
 
-    Example: artifactfs mount /var/lib/artifactfs/store /srv/grid -o allow_other
     """
     explicit = store_arg or store
     path = resolve_store(explicit)
