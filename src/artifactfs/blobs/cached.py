@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _CLEAN_MODE = 0o400
 _PINNED_BIT = 0o004
 _FETCH_STRIPES = 64
+# The "cache full" warning: at most once per this many seconds (see _reserve).
+FULL_LOG_QUIET = 60.0
 
 
 @dataclass(slots=True)
@@ -103,6 +105,7 @@ class CachedBackend:
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._used = 0
         self._full_logged = False
+        self._full_quiet_until = 0.0
         self._fetch_locks = [threading.Lock() for _ in range(_FETCH_STRIPES)]
         self._prefetching: set[bytes] = set()
         self._prefetch_pool = ThreadPoolExecutor(
@@ -214,6 +217,7 @@ class CachedBackend:
                     if self._full_logged:
                         log.info("block cache has room again: writes go on")
                         self._full_logged = False
+                        self._full_quiet_until = time.monotonic() + FULL_LOG_QUIET
                 if not fits and wait:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -222,7 +226,9 @@ class CachedBackend:
                             f"({self.budget >> 20} MiB) and the object store did not take "
                             f"any for {self.full_wait:.0f} s"
                         )
-                    if not self._full_logged:
+                    # Once per episode, and not again within FULL_LOG_QUIET of the last one:
+                    # a cache hovering at its budget fills and frees at every block.
+                    if not self._full_logged and time.monotonic() >= self._full_quiet_until:
                         self._full_logged = True
                         pinned = sum(e.size for e in self._entries.values() if not e.clean)
                         log.warning(

@@ -16,6 +16,7 @@ import typer
 
 from artifactfs.cli import mounts
 from artifactfs.cli.common import resolve_store, setup_logging
+from artifactfs.cli.init_cmd import parse_size
 from artifactfs.credentials import authenticate, read_credential_file
 from artifactfs.errors import MountError, StoreMissing
 from artifactfs.fuse.daemon import MountSettings, serve
@@ -86,6 +87,15 @@ def mount(
             help="Show every file as owned by UID:GID (containers running as that uid).",
         ),
     ] = None,
+    dirty_budget: Annotated[
+        str,
+        typer.Option(
+            "--dirty-budget",
+            metavar="SIZE",
+            help="Memory for written data not yet in the block store (writers wait, or get "
+            "ENOSPC when the store refuses blocks, beyond it).",
+        ),
+    ] = "128M",
     debug: Annotated[bool, typer.Option(help="Log every request.")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -121,6 +131,7 @@ def mount(
         attr_timeout=attr_timeout,
         credential_token=token,
         owner=_parse_owner(owner),
+        dirty_budget=parse_size(dirty_budget),
     )
     if foreground:
         setup_logging(debug)
@@ -131,7 +142,7 @@ def mount(
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mnt}: {exc}") from None
         return
-    _spawn(path, mnt, opts, attr_timeout, debug, credential, owner)
+    _spawn(path, mnt, opts, attr_timeout, debug, credential, owner, dirty_budget)
 
 
 def _parse_owner(text: str | None) -> tuple[int, int] | None:
@@ -159,6 +170,7 @@ def _spawn(
     debug: bool,
     credential: Path | None,
     owner: str | None,
+    dirty_budget: str,
 ) -> None:
     log_path = path / "logs" / f"mount-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +187,8 @@ def _spawn(
         str(w),
         "--attr-timeout",
         str(attr_timeout),
+        "--dirty-budget",
+        dirty_budget,
     ]
     if debug:
         argv.append("--debug")

@@ -175,10 +175,13 @@ class BlockIO:
             self._mover_refusal = exc  # told to writers by `moved`, on the trio thread
             raise
 
-    def moved(self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool) -> None:
-        """The mover is done with `batch`: forget it (ok) or queue it again."""
+    def moved(
+        self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool, put: bool = True
+    ) -> None:
+        """The mover is done with `batch`: forget it (ok) or queue it again. `put=False`:
+        forgotten without a put (stored elsewhere), which says nothing about room."""
         self._moving -= len(batch)
-        if ok:
+        if ok and put:
             self._backend_full(None)
         elif self._mover_refusal is not None:
             self._backend_full(self._mover_refusal)

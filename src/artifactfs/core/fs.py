@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
+from artifactfs.blobs.cached import CachedBackend
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.filedata import FileData
@@ -157,6 +158,18 @@ class FileSystem:
         full = False  # a full backend is logged once, not at every retry
         while True:
             batch = await self.io.next_batch()
+            if isinstance(self.io.backend, CachedBackend):
+                # A remote store's uploader may have sent a journalled block to the bucket
+                # already (it does when the cache is full): putting it into the cache now
+                # would pin a copy that nothing uploads again, filling the cache with them.
+                there = self.index.upload_states(d for d, _ in batch)
+                skip = [(d, b) for d, b in batch if there.get(d)]
+                if skip:
+                    batch = [(d, b) for d, b in batch if not there.get(d)]
+                    self._stored_journal.extend(d for d, _ in skip)
+                    self.io.moved(skip, ok=True, put=False)
+                    if not batch:
+                        continue
             try:
                 await trio.to_thread.run_sync(self.io.put_many, batch, limiter=self.io.limiter)
             except Exception as exc:

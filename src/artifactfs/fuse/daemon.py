@@ -47,6 +47,7 @@ class MountSettings:
     credential_token: str | None = None  # a scoped mount; None: the administrative view
     owner: tuple[int, int] | None = None  # show every node as owned by this uid:gid
     upload_drain_timeout: float = 600.0  # remote stores: how long unmount waits for uploads
+    dirty_budget: int = 128 << 20  # written bytes held in memory until the block store has them
 
 
 def tune_read_ahead(mountpoint: Path, kb: int) -> bool:
@@ -73,7 +74,12 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
     store = Store(settings.store)
     try:
         store.check_private()
-        io = BlockIO(store.backend, store.config.block_size, threads=settings.blob_threads)
+        io = BlockIO(
+            store.backend,
+            store.config.block_size,
+            threads=settings.blob_threads,
+            dirty_budget=settings.dirty_budget,
+        )
         cred = None
         view = ADMIN
         if settings.credential_token is not None:
