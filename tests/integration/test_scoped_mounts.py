@@ -286,11 +286,13 @@ def test_owner_option_for_containers(grid: mountutil.Mount, tmp_path: Path) -> N
 
 def test_session_expiry_removes_the_scope(grid: mountutil.Mount, tmp_path: Path) -> None:
     store = grid.store
-    cred = issue(store, tmp_path / "s.cred", "alice", "gone", "--ttl", "2s")
+    # Long enough to issue and mount on a loaded machine (2 s was not, once).
+    issued = time.monotonic()
+    cred = issue(store, tmp_path / "s.cred", "alice", "gone", "--ttl", "8s")
     with scoped(store, grid.mountpoint.parent / "gone", cred) as m:
         (m.mountpoint / "acme/sess-gone/ws").mkdir()
         (m.mountpoint / "acme/sess-gone/ws/f").write_text("temporary")
-    time.sleep(2.5)
+    time.sleep(max(0.0, issued + 8.5 - time.monotonic()))
     assert "sess-gone" not in os.listdir(grid.mountpoint / "acme")  # invisible at once
     cli("gc", "--store", str(store), "--grace", "0s")
     left = subprocess.run(
