@@ -287,8 +287,8 @@ def test_owner_option_for_containers(grid: mountutil.Mount, tmp_path: Path) -> N
 def test_session_expiry_removes_the_scope(grid: mountutil.Mount, tmp_path: Path) -> None:
     store = grid.store
     # Long enough to issue and mount on a loaded machine (2 s was not, once).
-    issued = time.monotonic()
     cred = issue(store, tmp_path / "s.cred", "alice", "gone", "--ttl", "8s")
+    issued = time.monotonic()  # the credential expires 8 s after a moment before this one
     with scoped(store, grid.mountpoint.parent / "gone", cred) as m:
         (m.mountpoint / "acme/sess-gone/ws").mkdir()
         (m.mountpoint / "acme/sess-gone/ws/f").write_text("temporary")
