@@ -76,8 +76,6 @@ class CrossDevice(FsError):
 class NoSpace(FsError):
     """No space left on device."""
 
-    written = 0  # bytes a write took before the refusal (a short write when > 0)
-
 
 class NoData(FsError):
     """No data available (no such attribute)."""

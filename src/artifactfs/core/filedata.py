@@ -184,55 +184,45 @@ class FileData:
         async with self.lock:
             if self.hasher is not None and off < self.hash_pos:
                 self.hasher = None
+            bs = self.bs
+            pos = 0
+            n_total = len(data)
             try:
-                pos = await self._write_blocks(off, data)
-            except NoSpace as exc:
+                while pos < n_total:
+                    idx = (off + pos) // bs
+                    s = off + pos - idx * bs
+                    n = min(bs - s, n_total - pos)
+                    buf = self.dirty.get(idx)
+                    if buf is None and s == 0 and n == bs:
+                        # A whole block replaced (the sequential-write case): seal the
+                        # caller's bytes as they are, without staging them in a buffer.
+                        await self.io.reserve(bs)
+                        self.versions[idx] = self.versions.get(idx, 0) + 1
+                        whole = data if n == n_total else data[pos : pos + n]
+                        self._seal_data(idx, bytes(whole))
+                        pos += n
+                        continue
+                    if buf is None:
+                        await self.io.reserve(bs)
+                        buf = await self._current_block(idx)
+                        self._set_dirty(idx, buf)
+                    if len(buf) < s:
+                        buf.extend(bytes(s - len(buf)))
+                    buf[s : s + n] = data[pos : pos + n]
+                    pos += n
+                    if s + n == bs:
+                        # The block is complete: store it in the background while writing
+                        # goes on.
+                        self._seal(idx)
+            except NoSpace:
                 # Blocks written before the refusal are part of the file (a short write, as
-                # on a disk that fills up); nothing was written: the error.
-                pos = exc.written
+                # on a disk that fills up); nothing written: the error.
                 if pos == 0:
                     raise
             if off + pos > self.size:
                 self.size = off + pos
             self._touch()
             return pos
-
-    async def _write_blocks(self, off: int, data: bytes) -> int:
-        """Copy `data` into the blocks at `off`; returns its length. A `NoSpace` carries
-        in `written` how many bytes went in before it."""
-        bs = self.bs
-        pos = 0
-        n_total = len(data)
-        try:
-            while pos < n_total:
-                idx = (off + pos) // bs
-                s = off + pos - idx * bs
-                n = min(bs - s, n_total - pos)
-                buf = self.dirty.get(idx)
-                if buf is None and s == 0 and n == bs:
-                    # A whole block replaced (the sequential-write case): seal the caller's
-                    # bytes as they are, without staging them in a buffer.
-                    await self.io.reserve(bs)
-                    self.versions[idx] = self.versions.get(idx, 0) + 1
-                    whole = data if n == n_total else data[pos : pos + n]
-                    self._seal_data(idx, bytes(whole))
-                    pos += n
-                    continue
-                if buf is None:
-                    await self.io.reserve(bs)
-                    buf = await self._current_block(idx)
-                    self._set_dirty(idx, buf)
-                if len(buf) < s:
-                    buf.extend(bytes(s - len(buf)))
-                buf[s : s + n] = data[pos : pos + n]
-                pos += n
-                if s + n == bs:
-                    # The block is complete: store it in the background while writing goes on.
-                    self._seal(idx)
-        except NoSpace as exc:
-            exc.written = pos
-            raise
-        return n_total
 
     def _set_dirty(self, idx: int, buf: bytearray) -> None:
         self.dirty[idx] = buf
