@@ -417,8 +417,7 @@ class FileSystem:
             # The open file's size and mtime reach the index with its data at commit; writing
             # them here would let the index claim bytes whose blocks are not stored yet.
             data.ctime_ns = row.ctime_ns
-        with self.index.txn():
-            self.index.update_inode(row)
+        self.index.defer_inode(row)
         return self._attr(row)
 
     async def readlink(self, ino: int) -> bytes:
