@@ -168,39 +168,65 @@ _UPDATE_INODE = (
     "UPDATE inodes SET mode = ?, uid = ?, gid = ?, nlink = ?, size = ?, rdev = ?, "
     "atime_ns = ?, mtime_ns = ?, ctime_ns = ?, namespace_id = ?, sha256 = ? WHERE id = ?"
 )
+# The same and `stored`, which only the deferred write-back and update_file_state write.
+_SETTLE_INODE = (
+    "UPDATE inodes SET mode = ?, uid = ?, gid = ?, nlink = ?, size = ?, rdev = ?, "
+    "atime_ns = ?, mtime_ns = ?, ctime_ns = ?, namespace_id = ?, sha256 = ?, stored = ? "
+    "WHERE id = ?"
+)
 
 
 class IndexConnection(sqlite3.Connection):
-    """The Index's own connection: rows whose write-back `Index.defer_inode` put off reach
+    """The Index's own connection. Rows whose write-back `Index.defer_inode` put off reach
     the table before any statement that names `inodes` runs, so no statement (a join in a
-    listing, a trigger, fsck's checks) ever sees the table older than the row cache."""
+    listing, a trigger, fsck's checks) ever sees the table older than the row cache.
+
+    While a unit runs (`undo` is a dict), the first change of each deferred row records
+    how it was before the unit: (cached row, deferred row), for `Index.txn` to put back if
+    the unit rolls back (its SAVEPOINT undoes what the table got, not what was deferred).
+
+    `xattr_free` holds inodes known to have no extended attributes (made by this connection
+    since the row cache was last dropped; served under the same rule as the row cache). Any
+    statement that may add an attribute empties it, so it can never claim a wrong absence.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deferred: dict[int, tuple[Any, ...]] = {}  # inode -> its row as it must be
+        self.undo: dict[int, tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]] | None
+        self.undo = None
+        self.xattr_free: set[int] = set()
 
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+    def _before(self, sql: str) -> None:
         if self.deferred and "inodes" in sql:
             self.settle()
+        if self.xattr_free and "xattrs" in sql and not sql.startswith(("SELECT", "DELETE")):
+            self.xattr_free.clear()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self._before(sql)
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        if self.deferred and "inodes" in sql:
-            self.settle()
+        self._before(sql)
         return super().executemany(sql, parameters)
 
     def settle(self) -> None:
         """Write every deferred row (one statement for all of them)."""
         rows = self.deferred
-        if rows:
-            super().executemany(
-                _UPDATE_INODE,
-                [
-                    (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[12], r[13], r[0])
-                    for r in rows.values()
-                ],
-            )
-            self.deferred = {}
+        if not rows:
+            return
+        super().executemany(
+            _SETTLE_INODE,
+            [
+                (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[12], r[13], r[14], r[0])
+                for r in rows.values()
+            ],
+        )
+        if self.undo is not None:
+            for ino, row in rows.items():
+                self.undo.setdefault(ino, (row, row))
+        self.deferred = {}
 
 
 def _inode(row: tuple[Any, ...]) -> InodeRow:
@@ -304,26 +330,37 @@ class Index:
                 self._depth -= 1
             return
         if self.group_commit:
-            if not self.conn.in_transaction:
+            conn = self.conn
+            if not conn.in_transaction:
                 self._begin()
-            # Deferred rows go in before the savepoint: a unit that rolls back keeps them,
-            # and no row is left deferred while a unit runs (see defer_inode).
-            self.conn.settle()
-            self.conn.execute("SAVEPOINT unit")
+            conn.execute("SAVEPOINT unit")
+            conn.undo = {}
             self._depth = 1
             try:
-                yield self.conn
+                yield conn
             except BaseException:
                 self._depth = 0
-                self._drop_rows()
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK TO unit")
-                    self.conn.execute("RELEASE unit")
-                else:
+                undo, conn.undo = conn.undo, None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    # Deferred rows as they were before the unit; the cache keeps only them
+                    # (anything else it holds may show what the savepoint just undid).
+                    for ino, (_, before) in undo.items():
+                        if before is None:
+                            conn.deferred.pop(ino, None)
+                        else:
+                            conn.deferred[ino] = before
+                    self._rows.clear()
+                    self._rows.update(conn.deferred)
+                    conn.xattr_free.clear()
+                else:  # the whole group transaction is gone (SQLite rolled it back)
+                    self._drop_rows()
                     self._writing = False
                 raise
             self._depth = 0
-            self.conn.execute("RELEASE unit")
+            conn.undo = None
+            conn.execute("RELEASE unit")
             self._grouped += 1
             if self._grouped >= GROUP_COMMIT_MAX_UNITS:
                 self.flush()
@@ -376,7 +413,9 @@ class Index:
         # connection committed since the last BEGIN (data_version ignores our own commits).
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._rows_version:
+            assert not self.conn.deferred, "rows deferred outside a write transaction"
             self._rows.clear()
+            self.conn.xattr_free.clear()
             self._rows_version = version
         self._writing = True
 
@@ -444,11 +483,11 @@ class Index:
     # ---- the row cache (see __init__) --------------------------------------------------------
 
     def _drop_rows(self) -> None:
-        # Never with rows still deferred: they exist only between units of an open write
-        # transaction, and every path here is a rollback of a unit or of a whole transaction
-        # (which began with them settled) or a BEGIN (none are deferred outside a transaction).
-        assert not self.conn.deferred, "dropping the row cache with rows not written back"
+        """Forget every cached row, deferred ones too: the transaction they belong to is gone
+        (rolled back), or none is open (rows are deferred only inside one)."""
         self._rows.clear()
+        self.conn.deferred = {}
+        self.conn.xattr_free.clear()
 
     def _keep_row(self, row: tuple[Any, ...]) -> None:
         """Remember a row just read from the table. Rows read outside a transaction are as
@@ -458,6 +497,7 @@ class Index:
             if len(self._rows) >= ROW_CACHE_MAX:
                 self.conn.settle()
                 self._rows.clear()
+                self.conn.xattr_free.clear()
             self._rows[row[0]] = row
 
     def _patch_row(self, ino: int, changes: dict[int, Any]) -> None:
@@ -520,6 +560,8 @@ class Index:
         new_id = ino if ino is not None else cur.lastrowid
         assert new_id is not None
         self._keep_row((new_id, int(kind), *values[1:], 0))
+        if self._writing:
+            self.conn.xattr_free.add(new_id)
         return InodeRow(new_id, *values)
 
     def defer_inode(self, row: InodeRow) -> None:
@@ -531,24 +573,36 @@ class Index:
         one file then cost one UPDATE at its close instead of three units of three statements
         each. Durability is that of a unit: committed with the group transaction.
         """
-        if not self.group_commit or self._depth:
+        if not self._defer(
+            row.id,
+            {2: row.mode, 3: row.uid, 4: row.gid, 5: row.nlink, 6: row.size, 7: row.rdev,
+             8: row.atime_ns, 9: row.mtime_ns, 10: row.ctime_ns, 12: row.namespace_id,
+             13: row.sha256},
+        ):
             with self.txn():
                 self.update_inode(row)
-            return
-        if not self.conn.in_transaction:
-            self._begin()  # the cache is served, and rows deferred, only while writing
-        cur = self._rows.get(row.id)
-        if cur is None:  # not cached (another writer's commit dropped it): write it now
-            with self.txn():
-                self.update_inode(row)
-            return
-        new = (
-            cur[0], cur[1], row.mode, row.uid, row.gid, row.nlink, row.size, row.rdev,
-            row.atime_ns, row.mtime_ns, row.ctime_ns, cur[11], row.namespace_id, row.sha256,
-            cur[14],
-        )
-        self._rows[row.id] = new
-        self.conn.deferred[row.id] = new
+
+    def _defer(self, ino: int, changes: dict[int, Any]) -> bool:
+        """Apply `changes` (column index -> value) to the cached row of `ino` and defer its
+        write-back; False (nothing done) where that is not possible: without group commit,
+        or when the row is not cached (the caller then writes it now)."""
+        if not self.group_commit:
+            return False
+        conn = self.conn
+        if not conn.in_transaction:
+            self._begin()  # rows are served from the cache, and deferred, only while writing
+        cur = self._rows.get(ino)
+        if cur is None or not self._writing:
+            return False
+        new = list(cur)
+        for i, v in changes.items():
+            new[i] = v
+        row = tuple(new)
+        if conn.undo is not None:
+            conn.undo.setdefault(ino, (cur, conn.deferred.get(ino)))
+        self._rows[ino] = row
+        conn.deferred[ino] = row
+        return True
 
     def update_inode(self, row: InodeRow) -> None:
         """Write back every mutable column of `row`."""
@@ -586,6 +640,10 @@ class Index:
         sha256: bytes | None,
         stored: int,
     ) -> None:
+        # Deferred (see defer_inode): a close's new size joins the owner, mode and times its
+        # file got since the last write-back in one UPDATE.
+        if self._defer(ino, {6: size, 9: mtime_ns, 10: ctime_ns, 13: sha256, 14: stored}):
+            return
         self.conn.execute(
             "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, sha256 = ?, stored = ? "
             "WHERE id = ?",
@@ -614,29 +672,39 @@ class Index:
         return int(n), int(top)
 
     def touch_inode(self, ino: int, *, mtime_ns: int | None, ctime_ns: int) -> None:
+        changes = {10: ctime_ns} if mtime_ns is None else {9: mtime_ns, 10: ctime_ns}
+        if self._defer(ino, changes):  # a directory's times: once per burst of creates
+            return
         if mtime_ns is None:
             self.conn.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (ctime_ns, ino))
-            self._patch_row(ino, {10: ctime_ns})
         else:
             self.conn.execute(
                 "UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (mtime_ns, ctime_ns, ino),
             )
-            self._patch_row(ino, {9: mtime_ns, 10: ctime_ns})
+        self._patch_row(ino, changes)
 
     def add_nlink(self, ino: int, delta: int, ctime_ns: int | None = None) -> None:
         cur = self._rows.get(ino)
+        if cur is not None:
+            changes = {5: cur[5] + delta}
+            if ctime_ns is not None:
+                changes[10] = ctime_ns
+            if self._defer(ino, changes):
+                return
         if ctime_ns is None:
             self.conn.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?", (delta, ino))
-            if cur is not None:
-                self._patch_row(ino, {5: cur[5] + delta})
         else:
             self.conn.execute(
                 "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?",
                 (delta, ctime_ns, ino),
             )
-            if cur is not None:
-                self._patch_row(ino, {5: cur[5] + delta, 10: ctime_ns})
+        cur = self._rows.get(ino)
+        if cur is not None:
+            changes = {5: cur[5] + delta}
+            if ctime_ns is not None:
+                changes[10] = ctime_ns
+            self._patch_row(ino, changes)
 
     def delete_inode(self, ino: int) -> None:
         """Remove an inode and everything hanging off it (blocks, symlink, xattrs)."""
@@ -662,12 +730,10 @@ class Index:
         return None if row is None else int(row[0])
 
     def lookup_child_inode(self, parent: int, name: bytes) -> InodeRow | None:
-        row = self.conn.execute(
-            f"SELECT {', '.join('i.' + c.strip() for c in INODE_COLUMNS.split(','))} "
-            "FROM dentries d JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
-            (parent, name),
-        ).fetchone()
-        return None if row is None else _inode(row)
+        # The name, then the row through the row cache: cheaper than a join when the row is
+        # cached, and a miss (tar and cp probe every name they create) is one index probe.
+        ino = self.lookup_child(parent, name)
+        return None if ino is None else self.get_inode(ino)
 
     def list_children(
         self, parent: int, after: int = 0, limit: int = 1000
@@ -927,6 +993,10 @@ class Index:
     # ---- extended attributes ------------------------------------------------------------------
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        # The kernel asks for security.capability before every write to a file; a file this
+        # mount made has none, and that answer costs no query.
+        if self._writing and ino in self.conn.xattr_free:
+            return None
         row = self.conn.execute(
             "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
         ).fetchone()
@@ -943,12 +1013,15 @@ class Index:
         return cur.rowcount > 0
 
     def list_xattrs(self, ino: int) -> list[bytes]:
-        return [
+        names = [
             bytes(r[0])
             for r in self.conn.execute(
                 "SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,)
             )
         ]
+        if not names and self._writing:
+            self.conn.xattr_free.add(ino)
+        return names
 
     def xattr_total(self, ino: int) -> int:
         row = self.conn.execute(
