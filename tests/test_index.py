@@ -11,6 +11,8 @@ from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from artifactfs.errors import StoreTooNew
 from artifactfs.index import migrations
@@ -862,3 +864,267 @@ def test_row_cache_follows_every_write(grouped: Index) -> None:
         ix.flush()
     with ix.txn():
         assert ix.get_inode(row.id) is None
+
+
+# ---- deferred write-back of inode rows (group commit) -----------------------------------------
+
+
+def table_row(path: Path, ino: int) -> tuple[Any, ...] | None:
+    """The row as another connection sees it (committed state only)."""
+    conn = raw(path)
+    try:
+        row = conn.execute(
+            "SELECT mode, uid, nlink, size, mtime_ns, ctime_ns, stored FROM inodes WHERE id = ?",
+            (ino,),
+        ).fetchone()
+        return None if row is None else tuple(row)
+    finally:
+        conn.close()
+
+
+def test_deferred_row_is_served_then_written_before_any_statement_on_inodes(
+    grouped: Index, db_path: Path
+) -> None:
+    ix = grouped
+    row = new_inode(ix)
+    ix.flush()
+    with ix.txn():
+        ix.get_inode(row.id)  # cached
+    changed = ix.get_inode(row.id)
+    assert changed is not None
+    changed.mode, changed.uid = stat.S_IFREG | 0o600, 42
+    ix.defer_inode(changed)
+    ix.update_file_state(row.id, 123, 5, 6, None, 4096)
+    assert set(ix.conn.deferred) == {row.id}
+    # This connection sees it at once, through the cache...
+    got = ix.get_inode(row.id)
+    assert got is not None and (got.mode, got.uid, got.size, got.stored) == (
+        stat.S_IFREG | 0o600, 42, 123, 4096
+    )
+    # ...and any statement naming `inodes` first writes it back (here a join of a listing).
+    mode, size = ix.conn.execute(
+        "SELECT i.mode, i.size FROM inodes i WHERE i.id = ?", (row.id,)
+    ).fetchone()
+    assert (mode, size) == (stat.S_IFREG | 0o600, 123)
+    assert ix.conn.deferred == {}
+    ix.flush()
+    assert table_row(db_path, row.id) == (stat.S_IFREG | 0o600, 42, 1, 123, 5, 6, 4096)
+    assert ix.row_cache_mismatches() == []
+
+
+def test_deferred_rows_are_committed_by_flush_in_one_statement(
+    grouped: Index, db_path: Path
+) -> None:
+    ix = grouped
+    rows = [new_inode(ix) for _ in range(3)]
+    ix.flush()
+    statements: list[str] = []
+    with ix.txn():
+        for r in rows:
+            ix.get_inode(r.id)
+    ix.conn.set_trace_callback(statements.append)
+    for i, r in enumerate(rows):
+        for t in range(4):  # tar: chown, chmod, utimes... of each file
+            ix.touch_inode(r.id, mtime_ns=100 * i + t, ctime_ns=100 * i + t)
+    assert not any("inodes" in s for s in statements)
+    ix.flush()
+    ix.conn.set_trace_callback(None)
+    # One UPDATE per row (SQLite's trace may report a statement with triggers twice).
+    assert len({s for s in statements if s.startswith("UPDATE inodes")}) == 3
+    for i, r in enumerate(rows):
+        got = table_row(db_path, r.id)
+        assert got is not None and got[4:6] == (100 * i + 3, 100 * i + 3)
+
+
+def test_unit_rollback_restores_rows_deferred_before_it(grouped: Index, db_path: Path) -> None:
+    """A row deferred before a unit, written back inside it (a statement named inodes) and
+    rolled back with it, is deferred again with its value from before the unit."""
+    ix = grouped
+    row = new_inode(ix)
+    other = new_inode(ix)
+    with ix.txn():
+        ix.get_inode(row.id)
+        ix.get_inode(other.id)
+    ix.touch_inode(row.id, mtime_ns=11, ctime_ns=12)  # deferred, outside any unit
+    with pytest.raises(Boom), ix.txn():
+        ix.touch_inode(row.id, mtime_ns=21, ctime_ns=22)  # deferred again, inside
+        ix.touch_inode(other.id, mtime_ns=31, ctime_ns=32)  # first deferred inside
+        ix.add_nlink(other.id, 5)
+        ix.conn.execute("SELECT count(*) FROM inodes").fetchone()  # writes them back
+        ix.touch_inode(row.id, mtime_ns=41, ctime_ns=42)
+        raise Boom()
+    got = ix.get_inode(row.id)
+    assert got is not None and (got.mtime_ns, got.ctime_ns) == (11, 12)
+    got = ix.get_inode(other.id)
+    assert got is not None and (got.nlink, got.mtime_ns) == (1, 7)
+    ix.flush()
+    assert table_row(db_path, row.id) == (stat.S_IFREG | 0o644, 1, 1, 0, 11, 12, 0)
+    assert table_row(db_path, other.id) == (stat.S_IFREG | 0o644, 1, 1, 0, 7, 7, 0)
+    assert ix.row_cache_mismatches() == []
+
+
+def test_failed_unit_after_deferral_keeps_the_group_usable(grouped: Index, db_path: Path) -> None:
+    """A constraint error inside a unit (the statement fails, the unit rolls back) leaves
+    the rows deferred before it intact and later units work."""
+    ix = grouped
+    parent = new_inode(ix, kind=4, nlink=2, mode=stat.S_IFDIR | 0o755)
+    child = new_inode(ix)
+    with ix.txn():
+        ix.add_dentry(parent.id, b"a", child.id)
+        ix.get_inode(parent.id)
+    ix.touch_inode(parent.id, mtime_ns=50, ctime_ns=51)
+    with pytest.raises(sqlite3.IntegrityError), ix.txn():
+        ix.touch_inode(parent.id, mtime_ns=60, ctime_ns=61)
+        ix.add_dentry(parent.id, b"a", child.id)  # taken
+    with ix.txn():
+        ix.touch_inode(parent.id, mtime_ns=70, ctime_ns=71)
+    ix.flush()
+    assert table_row(db_path, parent.id) == (stat.S_IFDIR | 0o755, 1, 2, 0, 70, 71, 0)
+    assert ix.row_cache_mismatches() == []
+
+
+def test_deferred_changes_mark_checkpointed_directories_dirty(grouped: Index) -> None:
+    """The triggers that track what changed since a checkpoint see a deferred change when it
+    is written back, before the commit that another connection would read."""
+    ix = grouped
+    with ix.txn():
+        d, f = (
+            ix.insert_inode(kind=k, mode=m, uid=0, gid=0, nlink=n, time_ns=1, namespace_id=1)
+            for k, m, n in ((4, stat.S_IFDIR | 0o755, 2), (5, stat.S_IFREG | 0o644, 1))
+        )
+        ix.add_dentry(d.id, b"f", f.id)
+    ix.flush()
+    with ix.txn():
+        ix.set_clean(d.id, D1, 1, 0)
+        ix.get_inode(f.id)
+    ix.flush()
+    assert ix.dir_state(d.id) is not None
+    ix.touch_inode(f.id, mtime_ns=99, ctime_ns=99)  # deferred
+    ix.flush()
+    assert ix.dir_state(d.id) is None
+
+
+def test_without_group_commit_nothing_is_deferred(index: Index, db_path: Path) -> None:
+    row = new_inode(index)
+    with index.txn():
+        index.get_inode(row.id)
+    index.touch_inode(row.id, mtime_ns=5, ctime_ns=6)
+    assert index.conn.deferred == {}
+    assert table_row(db_path, row.id) == (stat.S_IFREG | 0o644, 1, 1, 0, 5, 6, 0)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["defer", "touch", "nlink", "state", "sql"]),
+        st.integers(0, 2),  # which inode
+        st.integers(1, 1000),  # a value
+        st.sampled_from(["alone", "unit", "failing unit"]),
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+def test_deferral_matches_a_model_whatever_rolls_back(tmp_path: Path, ops: list[Any]) -> None:
+    """Random attribute changes, alone or in units that commit or roll back, with statements
+    on `inodes` between them: the table after flush (and the cache all along) equals a model
+    where a failed unit never happened."""
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.db"
+    ix = Index(path, create=True)
+    try:
+        ix.group_commit = True
+        rows = [new_inode(ix) for _ in range(3)]
+        model = {
+            r.id: {"mode": r.mode, "nlink": 1, "size": 0, "mtime": 7, "ctime": 7} for r in rows
+        }
+        with ix.txn():
+            for r in rows:
+                ix.get_inode(r.id)
+
+        def apply(op: str, ino: int, v: int, m: dict[int, dict[str, int]]) -> None:
+            if op == "defer":
+                cur = ix.get_inode(ino)
+                assert cur is not None
+                cur.mode = stat.S_IFREG | (v & 0o777)
+                ix.defer_inode(cur)
+                m[ino]["mode"] = cur.mode
+            elif op == "touch":
+                ix.touch_inode(ino, mtime_ns=v, ctime_ns=v + 1)
+                m[ino]["mtime"], m[ino]["ctime"] = v, v + 1
+            elif op == "nlink":
+                ix.add_nlink(ino, 1)
+                m[ino]["nlink"] += 1
+            elif op == "state":
+                ix.update_file_state(ino, v, v, v, None, 0)
+                m[ino]["size"] = m[ino]["mtime"] = m[ino]["ctime"] = v
+            else:
+                ix.conn.execute("SELECT sum(size) FROM inodes").fetchone()
+
+        for op, which, v, how in ops:
+            ino = rows[which].id
+            if how == "alone":
+                apply(op, ino, v, model)
+                continue
+            trial = {k: dict(c) for k, c in model.items()}
+            try:
+                with ix.txn():
+                    apply(op, ino, v, trial)
+                    apply("sql", ino, v, trial)
+                    apply("touch", ino, v + 7, trial)
+                    if how == "failing unit":
+                        raise Boom()
+            except Boom:
+                pass
+            else:
+                model = trial
+            for r in rows:
+                got = ix.get_inode(r.id)
+                assert got is not None
+                want = model[r.id]
+                assert (got.mode, got.nlink, got.size, got.mtime_ns, got.ctime_ns) == (
+                    want["mode"], want["nlink"], want["size"], want["mtime"], want["ctime"]
+                )
+        ix.flush()
+        assert ix.row_cache_mismatches() == []
+        for r in rows:
+            want = model[r.id]
+            assert table_row(path, r.id) == (
+                want["mode"], 1, want["nlink"], want["size"], want["mtime"], want["ctime"], 0
+            )
+    finally:
+        ix.close()
+
+
+def test_inodes_made_here_answer_getxattr_without_a_query(grouped: Index, db_path: Path) -> None:
+    ix = grouped
+    with ix.txn():
+        row = ix.insert_inode(
+            kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2, nlink=1, time_ns=7, namespace_id=None
+        )
+    statements: list[str] = []
+    ix.conn.set_trace_callback(statements.append)
+    assert ix.get_xattr(row.id, b"security.capability") is None
+    assert statements == []
+    with ix.txn():
+        ix.set_xattr(row.id, b"security.capability", b"caps")
+    assert ix.get_xattr(row.id, b"security.capability") == b"caps"
+    ix.conn.set_trace_callback(None)
+    ix.flush()
+    # Another connection's attribute is seen once this one begins again.
+    with ix.txn():
+        other = ix.insert_inode(
+            kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2, nlink=1, time_ns=7, namespace_id=None
+        )
+    ix.flush()
+    conn = raw(db_path)
+    try:
+        conn.execute(
+            "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (other.id, b"user.x", b"1")
+        )
+    finally:
+        conn.close()
+    with ix.txn():
+        assert ix.get_xattr(other.id, b"user.x") == b"1"
