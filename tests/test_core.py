@@ -366,7 +366,8 @@ async def test_blob_namespace(core: Core) -> None:
     ns = core.store.index.namespace_by_root(attr.ino)
     assert ns is not None and ns.kind == "blob" and ns.name == "blob.bin"
     assert (await core.fs.getxattr(attr.ino, NSX)).decode() == ns.public_id
-    assert sorted(await core.fs.listxattr(attr.ino)) == [NSX, SHA]
+    # Computed attributes are answered by name, never listed (cp -a would copy them out).
+    assert await core.fs.listxattr(attr.ino) == []
     await core.fs.unlink(await core.resolve("acme/shared"), b"blob.bin", CALLER)
     assert not await core.exists("acme/shared/blob.bin")
     evs = core.store.index.events(type_prefix="namespace.")
@@ -1091,7 +1092,7 @@ async def test_xattrs(core: Core) -> None:
     assert await core.fs.getxattr(ino, b"user.summary") == b"\x00bin\xff"
     assert await core.fs.getxattr(ino, b"user.empty") == b""
     assert sorted(await core.fs.listxattr(ino)) == sorted(
-        [b"user.mime_type", b"user.summary", b"user.empty", SHA]
+        [b"user.mime_type", b"user.summary", b"user.empty"]
     )
     await core.fs.setxattr(ino, b"user.mime_type", b"application/json", CALLER)
     assert await core.fs.getxattr(ino, b"user.mime_type") == b"application/json"
@@ -1131,7 +1132,7 @@ async def test_namespace_xattr(core: Core) -> None:
     value = await core.fs.getxattr(ws, NSX)
     ns = core.store.index.namespace_by_root(ws)
     assert ns is not None and value == ns.public_id.encode()
-    assert NSX in await core.fs.listxattr(ws)
+    assert NSX not in await core.fs.listxattr(ws)  # by name only
     await core.mkdir(p("d"))
     with pytest.raises(NoData):
         await core.fs.getxattr(await core.resolve(p("d")), NSX)
@@ -1160,7 +1161,7 @@ async def test_xattr_limits(core: Core) -> None:
         await core.fs.setxattr(ino, b"user." + b"n" * 251, b"", CALLER)
     with pytest.raises(NotSupported):
         await core.fs.setxattr(ino, b"other.x", b"", CALLER)
-    assert await core.fs.listxattr(ino) == [b"user.a", SHA]
+    assert await core.fs.listxattr(ino) == [b"user.a"]
 
 
 # ---- user.artifactfs.sha256 -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import random
 import sqlite3
@@ -149,6 +150,31 @@ def test_cp_a_within_and_out_of_the_mount(ws: Path, tree: Path, tmp_path: Path) 
     run(["diff", "-r", "--no-dereference", tree, ws / "second"])
     assert_same_tree(tree, ws / "second", xattrs=("user.test",))
     assert_same_tree(tree, tmp_path / "back", xattrs=("user.test",))
+
+
+def test_copies_out_of_the_mount_do_not_carry_computed_attributes(
+    ws: Path, tree: Path, tmp_path: Path
+) -> None:
+    """The digest and namespace id are answered by name but not listed, so `cp -a`,
+    `rsync -aHX` and `getfattr -d` see only the user's own attributes."""
+    run(["cp", "-a", tree, ws / "first"])
+    files = [p for p in (ws / "first").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files
+    for f in files:
+        listed = os.listxattr(f)
+        assert not [n for n in listed if n.startswith("user.artifactfs.")], f
+        digest = os.getxattr(f, "user.artifactfs.sha256").decode()
+        assert digest == hashlib.sha256(f.read_bytes()).hexdigest()
+    dumped = run(["getfattr", "-d", "-m", "-", "--absolute-names", *files]).stdout
+    assert "user.artifactfs." not in dumped
+    assert "user.test" in dumped  # the tree's own attributes are listed and copied
+    run(["cp", "-a", ws / "first", tmp_path / "cp"])
+    run(["rsync", "-aHX", f"{ws / 'first'}/", f"{tmp_path / 'rsync'}/"])
+    for out in (tmp_path / "cp", tmp_path / "rsync"):
+        for p in out.rglob("*"):
+            if not p.is_symlink():
+                assert not [n for n in os.listxattr(p) if n.startswith("user.artifactfs.")], p
+        assert_same_tree(tree, out, xattrs=("user.test",))
 
 
 FIND_FORMAT = r"%y %m %U %G %p -> %l\n"
