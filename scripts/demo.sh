@@ -33,8 +33,12 @@ echo
 echo "== the grid at $GRID"
 ls -l "$GRID" "$GRID/demo" "$GRID/demo/"*/
 echo
-echo "== artifact metadata of the blob"
+echo "== artifact metadata of the blob: what was set, then what artifactfs computes (read by name)"
 getfattr -d -m - "$GRID/demo/sess-0001/report.txt"
+for name in user.artifactfs.sha256 user.artifactfs.namespace; do
+    getfattr --only-values -n "$name" "$GRID/demo/sess-0001/report.txt" | sed "s/^/$name=/"
+    echo
+done
 echo
 echo "== files in the build workspace: $(find "$GRID/demo/shared/build" -type f | wc -l), git log of notes:"
 git -C "$GRID/demo/user-alice/notes" log --oneline
