@@ -34,9 +34,9 @@ echo "== the grid at $GRID"
 ls -l "$GRID" "$GRID/demo" "$GRID/demo/"*/
 echo
 echo "== artifact metadata of the blob: what was set, then what artifactfs computes (read by name)"
-getfattr -d -m - "$GRID/demo/sess-0001/report.txt"
+getfattr --absolute-names -d -m - "$GRID/demo/sess-0001/report.txt"
 for name in user.artifactfs.sha256 user.artifactfs.namespace; do
-    getfattr --only-values -n "$name" "$GRID/demo/sess-0001/report.txt" | sed "s/^/$name=/"
+    getfattr --absolute-names --only-values -n "$name" "$GRID/demo/sess-0001/report.txt" | sed "s/^/$name=/"
     echo
 done
 echo
