@@ -1164,6 +1164,29 @@ async def test_xattr_limits(core: Core) -> None:
     assert await core.fs.listxattr(ino) == [b"user.a"]
 
 
+async def test_names_that_are_never_stored_answer_nodata_without_a_query(core: Core) -> None:
+    """`ls -l` and `cp -a` probe system.posix_acl_* on every file: ENODATA, from no query;
+    and a name outside the stored namespaces that a checkpoint import brought in is neither
+    listed nor answered, so listing and reading agree."""
+    await core.write_file(p("f"), b"x")
+    ino = await core.resolve(p("f"))
+    core.store.index.flush()
+    statements: list[str] = []
+    core.store.index.conn.set_trace_callback(statements.append)
+    for name in (b"system.posix_acl_access", b"system.posix_acl_default", b"system.x"):
+        with pytest.raises(NoData):
+            await core.fs.getxattr(ino, name)
+    core.store.index.conn.set_trace_callback(None)
+    assert statements == []
+    with pytest.raises(NotSupported):
+        await core.fs.setxattr(ino, b"system.x", b"v", CALLER)
+    with core.store.index.txn():
+        core.store.index.replace_xattrs(ino, {b"system.x": b"v", b"user.k": b"w"})
+    assert await core.fs.listxattr(ino) == [b"user.k"]
+    with pytest.raises(NoData):
+        await core.fs.getxattr(ino, b"system.x")
+
+
 # ---- user.artifactfs.sha256 -----------------------------------------------------------------
 
 

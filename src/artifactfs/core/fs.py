@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 XATTR_SHA256 = b"user.artifactfs.sha256"
 XATTR_NAMESPACE = b"user.artifactfs.namespace"
 READONLY_XATTRS = (XATTR_SHA256, XATTR_NAMESPACE)
+# The namespaces of extended attributes that can be stored; any other (system.*) never is.
+STORED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 # Per-inode budget for user xattrs (names + values), as ext4 limits them to one block.
 XATTR_TOTAL_MAX = 64 * 1024 + 4096
 MAX_FILE_SIZE = 1 << 50
@@ -1243,6 +1245,10 @@ class FileSystem:
                     raise NoData()
                 return digest.hex().encode()
             return self.snap.xattr(ino, name)
+        if not name.startswith(STORED_XATTR_PREFIXES):
+            # Never stored (setxattr refuses them): `ls -l` and `cp -a` ask every file for
+            # system.posix_acl_access, and that answer costs no query.
+            raise NoData()
         if not name.startswith(b"user.artifactfs."):
             # The hot path: the kernel asks for security.capability before every write.
             value = self.index.get_xattr(ino, name)
@@ -1273,7 +1279,8 @@ class FileSystem:
         if is_virtual(ino):
             return self.snap.xattr_names(ino)
         self._row(ino)  # ENOENT for an inode that is gone
-        return self.index.list_xattrs(ino)
+        # Only what getxattr answers (an imported checkpoint could carry other names).
+        return [n for n in self.index.list_xattrs(ino) if n.startswith(STORED_XATTR_PREFIXES)]
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         self._refuse_virtual(ino)
@@ -1317,11 +1324,7 @@ class FileSystem:
             raise InvalidArgument("empty attribute name")
         if len(name) > 255:
             raise OutOfRange("attribute name longer than 255 bytes")
-        if not (
-            name.startswith(b"user.")
-            or name.startswith(b"trusted.")
-            or name.startswith(b"security.")
-        ):
+        if not name.startswith(STORED_XATTR_PREFIXES):
             raise NotSupported("only user.*, trusted.* and security.* attributes are stored")
 
 
