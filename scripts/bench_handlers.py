@@ -3,7 +3,7 @@
 
 The mix per file is what `tar -xf` of the Django sdist sends through a mount (counted with
 per-handler counters in the daemon): a negative lookup, create, two writes each preceded by
-the kernel's `security.capability` probe, four setattrs (owner, mode, times, ctime), two
+the kernel's `security.capability` probe, four setattrs (owner, mode, times, mode again), two
 getattrs, flush and release; a mkdir for every tenth file. It runs on a real store with the
 daemon's group commit and mover, so it measures exactly the Python and SQLite work of our
 handlers, the part of a request the bare passthrough does not pay. It reports the trio
