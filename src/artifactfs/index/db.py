@@ -686,8 +686,9 @@ class Index:
 
     def add_nlink(self, ino: int, delta: int, ctime_ns: int | None = None) -> None:
         cur = self._rows.get(ino)
+        changes: dict[int, Any] = {}
         if cur is not None:
-            changes = {5: cur[5] + delta}
+            changes[5] = cur[5] + delta
             if ctime_ns is not None:
                 changes[10] = ctime_ns
             if self._defer(ino, changes):
@@ -699,12 +700,8 @@ class Index:
                 "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?",
                 (delta, ctime_ns, ino),
             )
-        cur = self._rows.get(ino)
-        if cur is not None:
-            changes = {5: cur[5] + delta}
-            if ctime_ns is not None:
-                changes[10] = ctime_ns
-            self._patch_row(ino, changes)
+        # Patches the row only if it is still cached (a BEGIN in _defer may have dropped it).
+        self._patch_row(ino, changes)
 
     def delete_inode(self, ino: int) -> None:
         """Remove an inode and everything hanging off it (blocks, symlink, xattrs)."""
