@@ -98,6 +98,7 @@ async def run(store_path: Path, files: int, size: int, profile: Path | None) -> 
             fs.start(nursery)
             store.index.defer_checkpoints()
             store.index.group_commit = True
+            store.index.enable_redo()
             prof = cProfile.Profile() if profile else None
             t0 = time.thread_time()
             if prof:

@@ -69,6 +69,15 @@ def test_mount_non_empty_mountpoint(tmp_path: Path) -> None:
     assert "not empty" in msg
 
 
+@pytest.mark.parametrize("interval", ["0", "-1", "7200"])
+def test_mount_commit_interval_out_of_range(tmp_path: Path, interval: str) -> None:
+    run("init", str(tmp_path / "store"), check=True)
+    (tmp_path / "mnt").mkdir()
+    msg = one_line_error(run("mount", str(tmp_path / "store"), str(tmp_path / "mnt"),
+                             "--commit-interval", interval))
+    assert "--commit-interval takes 0 < SECONDS <= 3600" in msg
+
+
 def test_mount_missing_mountpoint(tmp_path: Path) -> None:
     run("init", str(tmp_path / "store"), check=True)
     msg = one_line_error(run("mount", str(tmp_path / "store"), str(tmp_path / "nope")))

@@ -107,6 +107,43 @@ def test_fsynced_and_closed_files_survive_kill_9(mount_dirs: tuple[Path, Path]) 
         )
 
 
+def test_closes_kept_only_in_the_redo_log_survive_kill_9(mount_dirs: tuple[Path, Path]) -> None:
+    """With commits an hour apart, what was closed is only in the daemon's redo log when it
+    is killed: the next mount applies it (and the metadata changes made before the close)."""
+    store, mountpoint = mount_dirs
+    rng = random.Random(5)
+    recorded: dict[str, str] = {}
+    redo_dir = store / "index.sqlite3-redo"
+    with mounted(store, mountpoint, extra_args=["--commit-interval", "3600"]) as first:
+        ws = workspace(first.mountpoint)
+        (ws / "d").mkdir()
+        for i, size in enumerate([0, 1, 5000, 70_000, MiB + 3]):
+            data = rng.randbytes(size)
+            with open(ws / "d" / f"closed-{i}", "wb") as f:
+                f.write(data)
+            recorded[f"d/closed-{i}"] = digest(data)
+        os.rename(ws / "d" / "closed-0", ws / "d" / "renamed")
+        recorded["d/renamed"] = recorded.pop("d/closed-0")
+        os.setxattr(ws / "d" / "renamed", "user.k", b"v")
+        os.chmod(ws / "d" / "closed-1", 0o600)
+        with open(ws / "last", "wb") as f:  # this close carries the three changes above
+            f.write(b"last")
+        recorded["last"] = digest(b"last")
+        [log_file] = redo_dir.iterdir()
+        assert log_file.stat().st_size > 0
+        crash(first)
+        assert log_file.exists()  # nothing cleaned up: the crash path
+
+    with mounted(store, mountpoint, init=False) as second:
+        ws = second.mountpoint / "t" / "shared" / "ws"
+        verify(ws, recorded)
+        assert not (ws / "d" / "closed-0").exists()
+        assert os.getxattr(ws / "d" / "renamed", "user.k") == b"v"
+        assert stat.S_IMODE(os.stat(ws / "d" / "closed-1").st_mode) == 0o600
+        assert not log_file.exists()  # applied once, then removed
+    assert list(redo_dir.iterdir()) == []  # a clean unmount leaves no log
+
+
 def test_metadata_survives_kill_9(mount_dirs: tuple[Path, Path]) -> None:
     store, mountpoint = mount_dirs
     with mounted(store, mountpoint) as first:

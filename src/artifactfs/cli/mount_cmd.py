@@ -20,6 +20,7 @@ from artifactfs.cli.init_cmd import parse_size
 from artifactfs.credentials import authenticate, read_credential_file
 from artifactfs.errors import MountError, StoreMissing
 from artifactfs.fuse.daemon import MountSettings, serve
+from artifactfs.index.db import GROUP_COMMIT_INTERVAL
 from artifactfs.store import (
     Store,
     check_store_bucket,
@@ -96,6 +97,15 @@ def mount(
             "ENOSPC when the store refuses blocks, beyond it).",
         ),
     ] = "128M",
+    commit_interval: Annotated[
+        float,
+        typer.Option(
+            "--commit-interval",
+            metavar="SECONDS",
+            help="How often changes are committed to the index, where other processes see "
+            "them; closes in between are kept in a redo log, which a crash does not lose.",
+        ),
+    ] = GROUP_COMMIT_INTERVAL,
     debug: Annotated[bool, typer.Option(help="Log every request.")] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -114,6 +124,8 @@ def mount(
         else:
             raise StoreMissing(f"no artifactfs store at {path}: run `artifactfs init {path}`")
     opts = [o for group in (options or []) for o in group.split(",") if o]
+    if not 0 < commit_interval <= 3600:
+        raise MountError(f"--commit-interval takes 0 < SECONDS <= 3600, not {commit_interval:g}")
     token = None
     if credential is not None:
         token = read_credential_file(credential)
@@ -132,6 +144,7 @@ def mount(
         credential_token=token,
         owner=_parse_owner(owner),
         dirty_budget=parse_size(dirty_budget),
+        commit_interval=commit_interval,
     )
     if foreground:
         setup_logging(debug)
@@ -142,7 +155,8 @@ def mount(
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mnt}: {exc}") from None
         return
-    _spawn(path, mnt, opts, attr_timeout, debug, credential, owner, dirty_budget)
+    _spawn(path, mnt, opts, attr_timeout, debug, credential, owner, dirty_budget,
+           commit_interval)
 
 
 def _parse_owner(text: str | None) -> tuple[int, int] | None:
@@ -171,6 +185,7 @@ def _spawn(
     credential: Path | None,
     owner: str | None,
     dirty_budget: str,
+    commit_interval: float,
 ) -> None:
     log_path = path / "logs" / f"mount-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +204,8 @@ def _spawn(
         str(attr_timeout),
         "--dirty-budget",
         dirty_budget,
+        "--commit-interval",
+        str(commit_interval),
     ]
     if debug:
         argv.append("--debug")

@@ -1114,9 +1114,9 @@ class FileSystem:
         data = self._handle(fh).data
         if data is not None:
             await data.commit()
-        # What was closed survives a crash of the daemon: commit now, together with the
-        # metadata operations grouped before it (its creation, renames, ...).
-        self.index.flush()
+        # What was closed survives a crash of the daemon: into the redo log (or committed)
+        # now, together with the metadata operations grouped before it (its creation, ...).
+        self.index.persist()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         data = self._handle(fh).data
@@ -1133,7 +1133,7 @@ class FileSystem:
         data = h.data
         try:
             await data.commit()
-            self.index.flush()
+            self.index.persist()
         finally:
             data.opens -= 1
             data.users -= 1

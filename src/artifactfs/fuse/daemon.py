@@ -48,6 +48,8 @@ class MountSettings:
     owner: tuple[int, int] | None = None  # show every node as owned by this uid:gid
     upload_drain_timeout: float = 600.0  # remote stores: how long unmount waits for uploads
     dirty_budget: int = 128 << 20  # written bytes held in memory until the block store has them
+    # How often grouped changes are committed; closes in between are in the redo log.
+    commit_interval: float = GROUP_COMMIT_INTERVAL
 
 
 def tune_read_ahead(mountpoint: Path, kb: int) -> bool:
@@ -123,8 +125,9 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 fs.start(nursery, reclaim_orphans=not others)
                 store.index.defer_checkpoints()
                 store.index.group_commit = True
+                store.index.enable_redo()  # closes append to a log; commits every 50 ms
                 nursery.start_soon(_checkpointer, store, fs)
-                nursery.start_soon(_group_committer, store)
+                nursery.start_soon(_group_committer, store, settings.commit_interval)
                 nursery.start_soon(follow_changes, store.index, fs, mount_id, seen)
                 if cred is not None:
                     nursery.start_soon(_watch_credential, store, fs, cred)
@@ -232,10 +235,10 @@ async def _sweep_sessions(store: Store, io: BlockIO) -> None:
         store.index.flush()
 
 
-async def _group_committer(store: Store) -> None:
-    """Commit grouped metadata operations at least every GROUP_COMMIT_INTERVAL seconds."""
+async def _group_committer(store: Store, interval: float) -> None:
+    """Commit grouped metadata operations at least every `interval` seconds."""
     while True:
-        await trio.sleep(GROUP_COMMIT_INTERVAL)
+        await trio.sleep(interval)
         store.index.flush()
 
 

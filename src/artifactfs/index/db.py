@@ -9,6 +9,7 @@ It must not know about FUSE, blobs' bytes, or who may see what.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -20,7 +21,11 @@ from typing import Any
 
 import cbor2
 
+from artifactfs.index import redo
 from artifactfs.index.migrations import migrate
+from artifactfs.index.redo import Statement
+
+log = logging.getLogger(__name__)
 
 # SQLite's own wait for a lock held by another connection (another mount of the same store).
 BUSY_TIMEOUT_MS = 5000
@@ -176,6 +181,11 @@ _SETTLE_INODE = (
 )
 
 
+# First words of the statements a redo log records (every other one only reads, or is
+# transaction control).
+_CHANGES = frozenset({"INSERT", "UPDATE", "DELETE"})
+
+
 class IndexConnection(sqlite3.Connection):
     """The Index's own connection. Rows whose write-back `Index.defer_inode` put off reach
     the table before any statement that names `inodes` runs, so no statement (a join in a
@@ -196,6 +206,9 @@ class IndexConnection(sqlite3.Connection):
         self.undo: dict[int, tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]] | None
         self.undo = None
         self.xattr_free: set[int] = set()
+        # With a redo log (index/redo.py): every statement of the open transaction that
+        # changes the database, in order, for `Index.persist` to append.
+        self.redo: list[Statement] | None = None
 
     def _before(self, sql: str) -> None:
         if self.deferred and "inodes" in sql:
@@ -205,10 +218,15 @@ class IndexConnection(sqlite3.Connection):
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         self._before(sql)
+        if self.redo is not None and sql[:6] in _CHANGES:
+            self.redo.append((False, sql, parameters))
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         self._before(sql)
+        if self.redo is not None and sql[:6] in _CHANGES:
+            parameters = list(parameters)  # may be a generator: kept, then run
+            self.redo.append((True, sql, parameters))
         return super().executemany(sql, parameters)
 
     def settle(self) -> None:
@@ -216,13 +234,13 @@ class IndexConnection(sqlite3.Connection):
         rows = self.deferred
         if not rows:
             return
-        super().executemany(
-            _SETTLE_INODE,
-            [
-                (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[12], r[13], r[14], r[0])
-                for r in rows.values()
-            ],
-        )
+        params = [
+            (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[12], r[13], r[14], r[0])
+            for r in rows.values()
+        ]
+        if self.redo is not None:
+            self.redo.append((True, _SETTLE_INODE, params))
+        super().executemany(_SETTLE_INODE, params)
         if self.undo is not None:
             for ino, row in rows.items():
                 self.undo.setdefault(ino, (row, row))
@@ -275,13 +293,67 @@ class Index:
         self.group_commit = False
         self._grouped = 0
         self._ckpt_conn: sqlite3.Connection | None = None
+        # The redo log (index/redo.py): ours, if enable_redo() was called; the epoch the open
+        # transaction started from; how many of conn.redo's statements are in our log; the
+        # logs of dead daemons replayed in the open transaction; whether its commit must move
+        # the epoch.
+        self._redo_dir = redo.redo_dir(path)
+        self._redo: redo.RedoLog | None = None
+        self._epoch = 0
+        self._logged = 0
+        self._replayed: list[redo.DeadLog] = []
+        self._bump = False
         self.start_version = migrate(self.conn)
+        found = redo.dead_logs(self._redo_dir, None)
+        if found:
+            # A daemon died with closes only in its log: apply them before anyone reads.
+            for d in found:
+                d.release()
+            self._begin()
+            self._commit()
+        self._catch_up()
 
     def close(self) -> None:
         self.flush()
+        if self._redo is not None:
+            self._redo.close()
+            self._redo = None
+            self.conn.redo = None
         if self._ckpt_conn is not None:
             self._ckpt_conn.close()
         self.conn.close()
+
+    def _catch_up(self, timeout: float = 5.0) -> None:
+        """Wait (50 ms at most, normally) until live daemons have committed what their redo
+        logs hold, so this connection reads everything that was closed before it opened (a
+        CLI checkpoint right after a write). A commit of such a log moves the epoch or
+        empties the log; no lock is taken, so a busy daemon cannot starve us."""
+        live = redo.live_unsynced(self._redo_dir, self._redo)
+        if not live:
+            return
+        epoch = self.get_meta("redo_epoch")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.002)
+            if self.get_meta("redo_epoch") != epoch:
+                return
+            sizes = []
+            for p in live:
+                try:
+                    sizes.append(p.stat().st_size)
+                except FileNotFoundError:
+                    sizes.append(0)
+            if not any(sizes):
+                return
+        log.warning("a mount has not committed for %.0f s: reading without its last closes",
+                    timeout)
+
+    def enable_redo(self) -> None:
+        """Closes append to a redo log instead of committing (the daemon; index/redo.py)."""
+        assert self.group_commit, "a redo log needs group commit"
+        self.flush()
+        self._redo = redo.RedoLog(self._redo_dir)
+        self.conn.redo = []
 
     # ---- WAL checkpoints ----------------------------------------------------------------------
 
@@ -335,6 +407,7 @@ class Index:
                 self._begin()
             conn.execute("SAVEPOINT unit")
             conn.undo = {}
+            mark = None if conn.redo is None else len(conn.redo)
             self._depth = 1
             try:
                 yield conn
@@ -344,6 +417,8 @@ class Index:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
+                    if conn.redo is not None and mark is not None:
+                        del conn.redo[mark:]
                     # Deferred rows as they were before the unit; the cache keeps only them
                     # (anything else it holds may show what the savepoint just undid).
                     for ino, (_, before) in undo.items():
@@ -357,6 +432,7 @@ class Index:
                 else:  # the whole group transaction is gone (SQLite rolled it back)
                     self._drop_rows()
                     self._writing = False
+                    self._group_lost()
                 raise
             self._depth = 0
             conn.undo = None
@@ -375,6 +451,7 @@ class Index:
             self._writing = False
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
+            self._release_replayed()
             raise
         self._depth = 0
         self._commit()
@@ -396,7 +473,29 @@ class Index:
             self._commit()
         self._grouped = 0
 
-    def _begin(self) -> None:
+    def persist(self) -> None:
+        """Make everything done so far survive a crash of this process (a close): append the
+        statements run since the last append to the redo log, with one write; without a log,
+        or if it cannot be written (a full disk), commit."""
+        conn = self.conn
+        if self._redo is None or conn.redo is None:
+            self.flush()
+            return
+        if self._depth or not conn.in_transaction:
+            return
+        conn.settle()
+        if len(conn.redo) > self._logged:
+            try:
+                self._redo.append(self._epoch, conn.redo[self._logged :])
+            except OSError as exc:
+                log.warning("redo log not written (%s): committing instead", exc)
+                self.flush()
+                return
+            self._logged = len(conn.redo)
+
+    def _begin(self) -> bool:
+        """BEGIN IMMEDIATE; replay the redo logs of dead daemons. True if another connection
+        committed since our previous BEGIN."""
         # IMMEDIATE takes the write lock up front, so a transaction never fails half-way with
         # SQLITE_BUSY on upgrade; busy_timeout covers the wait, and we retry past it.
         for attempt in range(50):
@@ -412,18 +511,133 @@ class Index:
         # We hold the write lock now: the cache is valid for the whole transaction if no other
         # connection committed since the last BEGIN (data_version ignores our own commits).
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._rows_version:
+        others = bool(version != self._rows_version)
+        if others:
             assert not self.conn.deferred, "rows deferred outside a write transaction"
             self._rows.clear()
             self.conn.xattr_free.clear()
             self._rows_version = version
+            row = self.conn.execute(
+                "SELECT value FROM meta WHERE key = 'redo_epoch'"
+            ).fetchone()
+            self._epoch = 0 if row is None else int(row[0])
         self._writing = True
+        self._replay_dead()
+        return others
+
+    def _replay_dead(self) -> None:
+        """Run again, in this transaction, what dead daemons appended to their redo logs
+        under the epoch the database still has (index/redo.py); delete stale logs."""
+        for dead in redo.dead_logs(self._redo_dir, self._redo):
+            try:
+                batches = dead.records(self._epoch)
+            except (OSError, ValueError) as exc:
+                log.error("redo log %s is unreadable (%s): set aside", dead.path, exc)
+                self._set_aside(dead)
+                continue
+            if not batches:
+                dead.remove()  # committed before its owner died
+                continue
+            self.conn.execute("SAVEPOINT replay")
+            try:
+                for statements in batches:
+                    for many, sql, params in statements:
+                        if many:
+                            self.conn.executemany(sql, params)
+                        else:
+                            self.conn.execute(sql, params)
+            except sqlite3.Error as exc:
+                self.conn.execute("ROLLBACK TO replay")
+                self.conn.execute("RELEASE replay")
+                if self.conn.redo is not None:
+                    del self.conn.redo[self._logged :]
+                log.error("redo log %s does not apply (%s): set aside", dead.path, exc)
+                self._set_aside(dead)
+                continue
+            self.conn.execute("RELEASE replay")
+            n = sum(len(b) for b in batches)
+            log.warning("applied %d statements a crashed daemon left in %s", n, dead.path.name)
+            self._replayed.append(dead)
+            self._bump = True
+            self._rows.clear()
+            self.conn.xattr_free.clear()
+
+    @staticmethod
+    def _set_aside(dead: redo.DeadLog) -> None:
+        try:
+            os.replace(dead.path, dead.path.with_suffix(".failed"))
+        finally:
+            dead.release()
+
+    def _release_replayed(self) -> None:
+        """Our transaction rolled back: the logs it replayed are for the next one."""
+        for dead in self._replayed:
+            dead.release()
+        self._replayed = []
+        self._bump = False
+
+    def _new_epoch(self) -> int | None:
+        """Inside the transaction about to commit: a new epoch, if its commit makes records
+        of the current one stale (ours, or a dead daemon's it replayed)."""
+        if not (self._logged or self._bump):
+            return None
+        epoch = redo.new_epoch()
+        # Not recorded: it is what tells a record's replay it is stale.
+        sqlite3.Connection.execute(
+            self.conn,
+            "INSERT INTO meta (key, value) VALUES ('redo_epoch', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(epoch),),
+        )
+        return epoch
+
+    def _committed(self, epoch: int | None) -> None:
+        self._writing = False
+        if epoch is not None:
+            self._epoch = epoch
+        if self.conn.redo is not None:
+            self.conn.redo = []
+        self._logged = 0
+        if self._redo is not None:
+            self._redo.reset()
+        for dead in self._replayed:
+            dead.remove()
+        self._replayed = []
+        self._bump = False
+
+    def _group_lost(self) -> None:
+        """SQLite rolled back the whole group transaction. What our log holds of it was
+        promised to survive: run it again in a new transaction (the log already has it),
+        unless another connection committed in between (then it no longer applies)."""
+        self._release_replayed()
+        conn = self.conn
+        if conn.redo is None:
+            return
+        logged, conn.redo, self._logged = conn.redo[: self._logged], [], 0
+        if not logged:
+            return
+        try:
+            if self._begin():
+                log.error("lost %d closed changes: the index rolled back and another "
+                          "process wrote to it before they could be applied again", len(logged))
+                assert self._redo is not None
+                self._redo.reset()
+                return
+            for many, sql, params in logged:
+                if many:
+                    conn.executemany(sql, params)
+                else:
+                    conn.execute(sql, params)
+            self._logged = len(conn.redo)
+        except sqlite3.Error:
+            log.exception("cannot apply closed changes again after a rollback of the index")
 
     def _commit(self) -> None:
+        epoch = self._new_epoch()
         for attempt in range(50):
             try:
                 self.conn.execute("COMMIT")
-                self._writing = False
+                self._committed(epoch)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
@@ -439,7 +653,7 @@ class Index:
         except BaseException:
             self._rollback_after_failed_commit()
             raise
-        self._writing = False
+        self._committed(epoch)
 
     def _rollback_after_failed_commit(self) -> None:
         # A failed COMMIT (constraint, disk full, I/O error) may leave the transaction open;
@@ -448,6 +662,7 @@ class Index:
         self._writing = False
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        self._group_lost()
 
     def make_durable(self) -> None:
         """Commit and force everything to stable storage (fsync of the WAL)."""
@@ -463,6 +678,7 @@ class Index:
                 self._drop_rows()
                 self._writing = False
                 self.conn.execute("ROLLBACK")
+                self._release_replayed()
             self.conn.execute("PRAGMA synchronous = NORMAL")
 
     # ---- meta ---------------------------------------------------------------------------------
@@ -550,6 +766,7 @@ class Index:
     ) -> InodeRow:
         # In column order after `id`: the same values make the row and the returned object.
         t = time_ns
+        kind = int(kind)  # a NodeKind: a plain int for the redo log's marshal
         values = (kind, mode, uid, gid, nlink, size, rdev, t, t, t, t, namespace_id, sha256)
         cur = self.conn.execute(
             "INSERT INTO inodes (id, kind, mode, uid, gid, nlink, size, rdev, atime_ns, "
@@ -559,7 +776,7 @@ class Index:
         )
         new_id = ino if ino is not None else cur.lastrowid
         assert new_id is not None
-        self._keep_row((new_id, int(kind), *values[1:], 0))
+        self._keep_row((new_id, *values, 0))
         if self._writing:
             self.conn.xattr_free.add(new_id)
         return InodeRow(new_id, *values)

@@ -1,0 +1,386 @@
+"""The redo log (index/redo.py) without the layers above: what a process appended survives its
+death and is applied exactly once, by the next connection that writes; nothing else is."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from artifactfs.index import redo
+from artifactfs.index.db import Index, InodeRow
+
+D1 = bytes([1]) * 32
+
+
+class Boom(Exception):
+    pass
+
+
+def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, as this connection sees it (its open transaction too)."""
+    out = {}
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        rows = sqlite3.Connection.execute(conn, f"SELECT * FROM {name}").fetchall()
+        if name == "meta":  # the epoch moves with every commit that matters
+            rows = [r for r in rows if r[0] != "redo_epoch"]
+        out[name] = sorted(rows, key=repr)
+    return out
+
+
+def logs(path: Path) -> list[str]:
+    d = redo.redo_dir(path)
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def daemon_index(path: Path) -> Index:
+    ix = Index(path, create=not path.exists())
+    ix.group_commit = True
+    ix.enable_redo()
+    return ix
+
+
+def crash(ix: Index) -> None:
+    """What the death of the process leaves: its flock gone, its transaction not committed."""
+    assert ix._redo is not None
+    os.close(ix._redo.fd)
+    sqlite3.Connection.close(ix.conn)
+
+
+def new_file(ix: Index, parent: int, name: bytes) -> InodeRow:
+    with ix.txn():
+        row = ix.insert_inode(
+            kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2, nlink=1, time_ns=7, namespace_id=None
+        )
+        ix.add_dentry(parent, name, row.id)
+    return row
+
+
+def names(ix: Index) -> set[bytes]:
+    return {bytes(r[0]) for r in ix.conn.execute("SELECT name FROM dentries")}
+
+
+def test_what_a_killed_process_persisted_is_applied_by_the_next_open(tmp_path: Path) -> None:
+    """A real process appends, then dies without any cleanup (os._exit): the next Index on
+    the store applies its closes, not what came after the last one, and removes the log."""
+    path = tmp_path / "index.sqlite3"
+    Index(path, create=True).close()
+    script = textwrap.dedent(
+        f"""
+        import os, stat, sys
+        from pathlib import Path
+        from artifactfs.index.db import Index
+        ix = Index(Path({str(path)!r}))
+        ix.group_commit = True
+        ix.enable_redo()
+        def add(name, data):
+            with ix.txn():
+                row = ix.insert_inode(kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2,
+                                      nlink=1, time_ns=7, namespace_id=None)
+                ix.add_dentry(1, name, row.id)
+                ix.set_blocks(row.id, [(0, {D1!r})])
+                ix.add_pending_blobs([({D1!r}, data)])
+                ix.update_file_state(row.id, len(data), 9, 9, None, len(data))
+        add(b"closed", b"x" * 5000)
+        ix.persist()
+        add(b"also-closed", b"y")
+        ix.set_xattr(1, b"user.k", b"v")
+        ix.persist()
+        add(b"never-closed", b"z")
+        sys.stdout.write(str(len(os.listdir({str(redo.redo_dir(path))!r}))))
+        sys.stdout.flush()
+        os._exit(0)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1"
+    assert logs(path) == [next(iter(logs(path)))]  # left behind by the dead process
+
+    ix = Index(path)
+    try:
+        assert names(ix) == {b"closed", b"also-closed"}
+        row = ix.lookup_child_inode(1, b"closed")
+        assert row is not None and row.size == 5000 and row.mtime_ns == 9
+        assert ix.block_map(row.id) == {0: D1}
+        assert ix.pending_blob_data(D1) is not None
+        assert ix.get_xattr(1, b"user.k") == b"v"
+        assert logs(path) == []
+    finally:
+        ix.close()
+    again = Index(path)  # nothing applied twice
+    try:
+        assert names(again) == {b"closed", b"also-closed"}
+    finally:
+        again.close()
+
+
+def test_a_unit_that_rolled_back_is_not_in_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    new_file(ix, 1, b"kept")
+    with pytest.raises(Boom), ix.txn():
+        row = ix.insert_inode(kind=5, mode=0o100644, uid=1, gid=2, nlink=1, time_ns=7,
+                              namespace_id=None)
+        ix.add_dentry(1, b"rolled-back", row.id)
+        ix.add_nlink(1, 5)
+        raise Boom()
+    new_file(ix, 1, b"after")
+    ix.persist()
+    want = dump(ix.conn)
+    crash(ix)
+    back = Index(path)
+    try:
+        assert dump(back.conn) == want
+        assert names(back) == {b"kept", b"after"}
+    finally:
+        back.close()
+
+
+def test_records_committed_before_the_crash_are_not_applied_again(tmp_path: Path) -> None:
+    """The owner committed, then died before cutting its log: the epoch moved, so the
+    records are stale (applying `nlink = nlink + 1` again would count twice)."""
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    row = new_file(ix, 1, b"f")
+    with ix.txn():
+        ix.add_nlink(row.id, 1)
+    ix.persist()
+    assert ix._redo is not None
+    log_path = ix._redo.path
+    stale = log_path.read_bytes()
+    assert stale
+    ix.flush()
+    assert log_path.stat().st_size == 0
+    log_path.write_bytes(stale)  # as if the process died between COMMIT and the truncate
+    crash(ix)
+    back = Index(path)
+    try:
+        got = back.get_inode(row.id)
+        assert got is not None and got.nlink == 2
+        assert logs(path) == []
+    finally:
+        back.close()
+
+
+def test_the_log_of_a_live_process_is_left_alone(tmp_path: Path) -> None:
+    """Another connection never applies a log whose owner still holds its lock, even when
+    the epoch matches (here the owner's COMMIT did not move it, to make that case)."""
+    path = tmp_path / "index.sqlite3"
+    owner = daemon_index(path)
+    row = new_file(owner, 1, b"f")
+    with owner.txn():
+        owner.add_nlink(row.id, 1)
+    owner.persist()
+    sqlite3.Connection.execute(owner.conn, "COMMIT")
+    other = Index(path)
+    try:
+        with other.txn():
+            got = other.get_inode(row.id)
+        assert got is not None and got.nlink == 2
+        assert len(logs(path)) == 1
+    finally:
+        other.close()
+        crash(owner)
+
+
+def test_a_damaged_record_ends_the_replay(tmp_path: Path) -> None:
+    """A record cut short (the machine died mid-append) and what follows are ignored."""
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    new_file(ix, 1, b"first")
+    ix.persist()
+    assert ix._redo is not None
+    first_end = ix._redo.size
+    new_file(ix, 1, b"second")
+    ix.persist()
+    os.truncate(ix._redo.path, ix._redo.size - 3)
+    crash(ix)
+    back = Index(path)
+    try:
+        assert names(back) == {b"first"}
+        assert first_end > 0
+    finally:
+        back.close()
+
+
+def test_a_log_that_does_not_apply_is_set_aside(tmp_path: Path) -> None:
+    """Never a store that cannot open: a log whose statements fail is kept aside as .failed
+    (for a human), its transaction part undone, and the store goes on."""
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    new_file(ix, 1, b"good")
+    ix.persist()
+    assert ix._redo is not None
+    epoch = ix._epoch
+    with open(ix._redo.path, "ab") as f:
+        f.write(redo._encode(epoch, [(False, "INSERT INTO no_such_table VALUES (?)", (1,))]))
+    crash(ix)
+    back = Index(path)
+    try:
+        assert names(back) == set()
+        assert [n.endswith(".failed") for n in logs(path)] == [True]
+        new_file(back, 1, b"later")
+        assert names(back) == {b"later"}
+    finally:
+        back.close()
+
+
+def test_a_log_that_cannot_be_written_makes_persist_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    try:
+
+        def full(self: redo.RedoLog, epoch: int, statements: list[redo.Statement]) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(redo.RedoLog, "append", full)
+        new_file(ix, 1, b"f")
+        ix.persist()
+        assert not ix.conn.in_transaction
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("SELECT count(*) FROM dentries WHERE name = ?",
+                                 (b"f",)).fetchone() == (1,)
+        finally:
+            other.close()
+    finally:
+        monkeypatch.undo()
+        ix.close()
+
+
+def test_a_group_transaction_sqlite_rolled_back_is_applied_again(tmp_path: Path) -> None:
+    """If SQLite itself drops the open transaction (an I/O error, a full disk), what the log
+    holds of it is run again, so a close that was answered is not lost."""
+    path = tmp_path / "index.sqlite3"
+    ix = daemon_index(path)
+    try:
+        new_file(ix, 1, b"closed")
+        ix.persist()
+        new_file(ix, 1, b"not-closed")
+        with pytest.raises(Boom), ix.txn():
+            ix.add_nlink(1, 1)
+            # What SQLite does when a statement hits an I/O error or a full disk.
+            sqlite3.Connection.execute(ix.conn, "ROLLBACK")
+            raise Boom()
+        assert ix.conn.in_transaction
+        assert names(ix) == {b"closed"}
+        ix.flush()
+    finally:
+        ix.close()
+    back = Index(path)
+    try:
+        assert names(back) == {b"closed"}
+    finally:
+        back.close()
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["file", "link", "xattr", "unlink", "state", "failing", "persist", "flush"]
+        ),
+        st.integers(0, 7),
+    ),
+    max_size=30,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+def test_a_crash_leaves_exactly_what_was_persisted(tmp_path: Path, ops: list[Any]) -> None:
+    """Random changes, units that fail, appends and commits, then the process dies: the store
+    opened again holds, table by table, exactly what this connection saw at its last append
+    or commit."""
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.sqlite3"
+    ix = daemon_index(path)
+    files: list[int] = []
+    at_last_persist = dump(ix.conn)
+    for op, v in ops:
+        if op == "file":
+            files.append(new_file(ix, 1, b"f%d" % len(files)).id)
+        elif op == "persist":
+            ix.persist()
+            at_last_persist = dump(ix.conn)
+        elif op == "flush":
+            ix.flush()
+            at_last_persist = dump(ix.conn)
+        elif not files:
+            continue
+        else:
+            ino = files[v % len(files)]
+            try:
+                with ix.txn():
+                    if op == "link":
+                        ix.add_dentry(1, b"l%d-%d" % (ino, v), ino)
+                        ix.add_nlink(ino, 1, ctime_ns=v)
+                    elif op == "xattr":
+                        ix.set_xattr(ino, b"user.a", b"%d" % v)
+                    elif op == "unlink":
+                        for (name,) in ix.conn.execute(
+                            "SELECT name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+                        ).fetchall():
+                            ix.remove_dentry(1, bytes(name))
+                            ix.add_nlink(ino, -1, ctime_ns=v)
+                    elif op == "state":
+                        ix.set_blocks(ino, [(0, D1)])
+                        ix.record_blobs([(D1, v)], v)
+                        ix.update_file_state(ino, v, v, v, None, v)
+                    else:
+                        ix.touch_inode(ino, mtime_ns=v, ctime_ns=v)
+                        ix.add_nlink(1, 1)
+                        raise Boom()
+            except (Boom, sqlite3.IntegrityError):  # a name taken twice fails in SQLite
+                pass
+    crash(ix)
+    back = Index(path)
+    try:
+        assert dump(back.conn) == at_last_persist
+        assert logs(path) == []
+    finally:
+        back.close()
+
+
+def test_a_new_connection_reads_what_a_live_process_closed(tmp_path: Path) -> None:
+    """What a daemon closed before a CLI command opened the store is visible to that
+    command's reads: opening waits for the daemon's next commit, without taking a lock."""
+    import threading
+
+    path = tmp_path / "index.sqlite3"
+    owner = daemon_index(path)
+    try:
+        new_file(owner, 1, b"closed")
+        owner.persist()
+        seen: list[set[bytes]] = []
+
+        def open_and_read() -> None:
+            other = Index(path)
+            try:
+                seen.append(names(other))
+            finally:
+                other.close()
+
+        reader = threading.Thread(target=open_and_read)
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # waiting for the commit
+        owner.flush()
+        reader.join(5)
+        assert seen == [{b"closed"}]
+    finally:
+        owner.close()
+    assert logs(path) == []
