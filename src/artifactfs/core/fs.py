@@ -1132,8 +1132,11 @@ class FileSystem:
             return
         data = h.data
         try:
-            await data.commit()
-            self.index.persist()
+            # After a flush there is nothing to make durable; a release with changes of its
+            # own (mmap writes flushed after close) persists them as a close does.
+            if not data.clean:
+                await data.commit()
+                self.index.persist()
         finally:
             data.opens -= 1
             data.users -= 1
