@@ -1111,12 +1111,14 @@ class FileSystem:
         return await data.write(off, buf)
 
     async def flush(self, fh: int) -> None:
-        data = self._handle(fh).data
-        if data is not None:
-            await data.commit()
+        h = self._handle(fh)
+        if h.data is not None:
+            await h.data.commit()
         # What was closed survives a crash of the daemon: into the redo log (or committed)
         # now, together with the metadata operations grouped before it (its creation, ...).
-        self.index.persist()
+        # A read-only close has nothing of its own to keep (`cp -a` closes each source).
+        if h.flags & os.O_ACCMODE != os.O_RDONLY or h.flags & os.O_TRUNC:
+            self.index.persist()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         data = self._handle(fh).data
