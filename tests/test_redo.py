@@ -66,6 +66,16 @@ def new_file(ix: Index, parent: int, name: bytes) -> InodeRow:
     return row
 
 
+def linked_twice(path: Path) -> tuple[Index, InodeRow]:
+    """A daemon's index that made a file, raised its link count and appended both."""
+    ix = daemon_index(path)
+    row = new_file(ix, 1, b"f")
+    with ix.txn():
+        ix.add_nlink(row.id, 1)
+    ix.persist()
+    return ix, row
+
+
 def names(ix: Index) -> set[bytes]:
     return {bytes(r[0]) for r in ix.conn.execute("SELECT name FROM dentries")}
 
@@ -151,11 +161,7 @@ def test_records_committed_before_the_crash_are_not_applied_again(tmp_path: Path
     """The owner committed, then died before cutting its log: the epoch moved, so the
     records are stale (applying `nlink = nlink + 1` again would count twice)."""
     path = tmp_path / "index.sqlite3"
-    ix = daemon_index(path)
-    row = new_file(ix, 1, b"f")
-    with ix.txn():
-        ix.add_nlink(row.id, 1)
-    ix.persist()
+    ix, row = linked_twice(path)
     assert ix._redo is not None
     log_path = ix._redo.path
     stale = log_path.read_bytes()
@@ -177,13 +183,10 @@ def test_the_log_of_a_live_process_is_left_alone(tmp_path: Path) -> None:
     """Another connection never applies a log whose owner still holds its lock, even when
     the epoch matches (here the owner's COMMIT did not move it, to make that case)."""
     path = tmp_path / "index.sqlite3"
-    owner = daemon_index(path)
-    row = new_file(owner, 1, b"f")
-    with owner.txn():
-        owner.add_nlink(row.id, 1)
-    owner.persist()
+    Index(path, create=True).close()
+    other = Index(path)  # opened first: it would wait for the owner's commit otherwise
+    owner, row = linked_twice(path)
     sqlite3.Connection.execute(owner.conn, "COMMIT")
-    other = Index(path)
     try:
         with other.txn():
             got = other.get_inode(row.id)

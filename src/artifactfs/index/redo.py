@@ -175,16 +175,20 @@ class DeadLog:
         os.close(self.fd)
 
 
-def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
-    """Logs in `directory` whose owner is gone (their flock is free), now locked by us."""
+def _other_logs(directory: Path, own: RedoLog | None) -> list[os.DirEntry[str]]:
+    """The log files in `directory`, ours left out."""
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return []
+    mine = None if own is None else str(own.path)
+    return [e for e in entries if e.name.endswith(".log") and e.path != mine]
+
+
+def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
+    """Logs in `directory` whose owner is gone (their flock is free), now locked by us."""
     found = []
-    for entry in entries:
-        if not entry.name.endswith(".log") or (own is not None and entry.path == str(own.path)):
-            continue
+    for entry in _other_logs(directory, own):
         try:
             fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:  # another process just finished with it
@@ -203,14 +207,8 @@ def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
 
 def live_unsynced(directory: Path, own: RedoLog | None) -> list[Path]:
     """Logs of live processes that hold records (closes their owner has not committed yet)."""
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return []
     found = []
-    for entry in entries:
-        if not entry.name.endswith(".log") or (own is not None and entry.path == str(own.path)):
-            continue
+    for entry in _other_logs(directory, own):
         try:
             if entry.stat().st_size == 0:
                 continue
@@ -224,4 +222,3 @@ def live_unsynced(directory: Path, own: RedoLog | None) -> list[Path]:
         finally:
             os.close(fd)
     return found
-
