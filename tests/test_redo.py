@@ -387,3 +387,29 @@ def test_a_new_connection_reads_what_a_live_process_closed(tmp_path: Path) -> No
     finally:
         owner.close()
     assert logs(path) == []
+
+
+def test_a_log_replayed_by_a_live_process_is_applied_once_if_that_one_dies_too(
+    tmp_path: Path,
+) -> None:
+    """B is running when A dies; B applies A's log at its next BEGIN, then appends its own
+    change and dies before its next commit. A's statements must not come back twice (from
+    A's log and again from B's, which recorded them as it replayed them)."""
+    path = tmp_path / "index.sqlite3"
+    Index(path, create=True).close()
+    b = daemon_index(path)
+    a, row = linked_twice(path)
+    crash(a)
+    with b.txn():
+        b.add_nlink(row.id, 1)
+    b.persist()
+    crash(b)
+    c = Index(path)
+    try:
+        got = c.get_inode(row.id)
+        assert got is not None and got.nlink == 3
+        assert names(c) == {b"f"}
+        assert c.count_inodes() == 1  # the file, once
+        assert logs(path) == []
+    finally:
+        c.close()

@@ -522,12 +522,19 @@ class Index:
             ).fetchone()
             self._epoch = 0 if row is None else int(row[0])
         self._writing = True
-        self._replay_dead()
+        if self._replay_dead():
+            # Committed at once, in a transaction of its own: what it applied is then in no
+            # log any more. (Kept open, it would also go into our own log, and a crash of
+            # ours would leave it in two logs, to be applied twice.)
+            self._commit()
+            return self._begin() or others
         return others
 
-    def _replay_dead(self) -> None:
+    def _replay_dead(self) -> bool:
         """Run again, in this transaction, what dead daemons appended to their redo logs
-        under the epoch the database still has (index/redo.py); delete stale logs."""
+        under the epoch the database still has (index/redo.py); delete stale logs. True if
+        anything was applied."""
+        applied = False
         for dead in redo.dead_logs(self._redo_dir, self._redo):
             try:
                 batches = dead.records(self._epoch)
@@ -538,6 +545,7 @@ class Index:
             if not batches:
                 dead.remove()  # committed before its owner died
                 continue
+            mark = None if self.conn.redo is None else len(self.conn.redo)
             self.conn.execute("SAVEPOINT replay")
             try:
                 for statements in batches:
@@ -550,7 +558,7 @@ class Index:
                 self.conn.execute("ROLLBACK TO replay")
                 self.conn.execute("RELEASE replay")
                 if self.conn.redo is not None:
-                    del self.conn.redo[self._logged :]
+                    del self.conn.redo[mark:]
                 log.error("redo log %s does not apply (%s): set aside", dead.path, exc)
                 self._set_aside(dead)
                 continue
@@ -561,6 +569,8 @@ class Index:
             self._bump = True
             self._rows.clear()
             self.conn.xattr_free.clear()
+            applied = True
+        return applied
 
     @staticmethod
     def _set_aside(dead: redo.DeadLog) -> None:
