@@ -3,6 +3,8 @@
 Layout of a store directory (mode 0700, private to the account that runs the daemon):
     store.json        StoreConfig (format, store id, block size, backend and its settings)
     index.sqlite3     the metadata index (WAL mode; -wal and -shm beside it)
+    index.sqlite3-redo/  each running daemon's redo log of closes not yet committed
+                      (index/redo.py)
     blobs/sha256/...  the local blob backend (local stores)
     cache/sha256/...  the block cache of a remote (S3) store (blobs/cached.py)
     s3-credentials.json  optional, mode 0600: S3 keys (else the standard boto3 chain)
