@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -361,8 +362,6 @@ def test_a_crash_leaves_exactly_what_was_persisted(tmp_path: Path, ops: list[Any
 def test_a_new_connection_reads_what_a_live_process_closed(tmp_path: Path) -> None:
     """What a daemon closed before a CLI command opened the store is visible to that
     command's reads: opening waits for the daemon's next commit, without taking a lock."""
-    import threading
-
     path = tmp_path / "index.sqlite3"
     owner = daemon_index(path)
     try:

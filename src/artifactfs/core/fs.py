@@ -1059,7 +1059,7 @@ class FileSystem:
         return h
 
     def _open_virtual(self, ino: int, flags: int) -> int:
-        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        writing = _changes_file(flags)
         self.snap.open(ino, writing)
         fh = self._next_fh
         self._next_fh += 1
@@ -1117,7 +1117,7 @@ class FileSystem:
         # What was closed survives a crash of the daemon: into the redo log (or committed)
         # now, together with the metadata operations grouped before it (its creation, ...).
         # A read-only close has nothing of its own to keep (`cp -a` closes each source).
-        if h.flags & os.O_ACCMODE != os.O_RDONLY or h.flags & os.O_TRUNC:
+        if _changes_file(h.flags):
             self.index.persist()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1331,6 +1331,11 @@ class FileSystem:
             raise OutOfRange("attribute name longer than 255 bytes")
         if not name.startswith(STORED_XATTR_PREFIXES):
             raise NotSupported("only user.*, trusted.* and security.* attributes are stored")
+
+
+def _changes_file(flags: int) -> bool:
+    """An open with these flags may change the file (written to, or truncated)."""
+    return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
 RENAME_NOREPLACE = 1

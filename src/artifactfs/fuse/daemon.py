@@ -125,7 +125,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                 fs.start(nursery, reclaim_orphans=not others)
                 store.index.defer_checkpoints()
                 store.index.group_commit = True
-                store.index.enable_redo()  # closes append to a log; commits every 50 ms
+                store.index.enable_redo()  # closes append to a log; the committer commits
                 nursery.start_soon(_checkpointer, store, fs)
                 nursery.start_soon(_group_committer, store, settings.commit_interval)
                 nursery.start_soon(follow_changes, store.index, fs, mount_id, seen)

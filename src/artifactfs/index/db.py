@@ -229,6 +229,14 @@ class IndexConnection(sqlite3.Connection):
             self.redo.append((True, sql, parameters))
         return super().executemany(sql, parameters)
 
+    def run(self, statements: Iterable[Statement]) -> None:
+        """Run recorded statements again, in order (a redo log's replay)."""
+        for many, sql, params in statements:
+            if many:
+                self.executemany(sql, params)
+            else:
+                self.execute(sql, params)
+
     def settle(self) -> None:
         """Write every deferred row (one statement for all of them)."""
         rows = self.deferred
@@ -337,13 +345,7 @@ class Index:
             time.sleep(0.002)
             if self.get_meta("redo_epoch") != epoch:
                 return
-            sizes = []
-            for p in live:
-                try:
-                    sizes.append(p.stat().st_size)
-                except FileNotFoundError:
-                    sizes.append(0)
-            if not any(sizes):
+            if not any(map(redo.unsynced_bytes, live)):
                 return
         log.warning("a mount has not committed for %.0f s: reading without its last closes",
                     timeout)
@@ -517,10 +519,8 @@ class Index:
             self._rows.clear()
             self.conn.xattr_free.clear()
             self._rows_version = version
-            row = self.conn.execute(
-                "SELECT value FROM meta WHERE key = 'redo_epoch'"
-            ).fetchone()
-            self._epoch = 0 if row is None else int(row[0])
+            epoch = self.get_meta("redo_epoch")
+            self._epoch = 0 if epoch is None else int(epoch)
         self._writing = True
         if self._replay_dead():
             # Committed at once, in a transaction of its own: what it applied is then in no
@@ -549,11 +549,7 @@ class Index:
             self.conn.execute("SAVEPOINT replay")
             try:
                 for statements in batches:
-                    for many, sql, params in statements:
-                        if many:
-                            self.conn.executemany(sql, params)
-                        else:
-                            self.conn.execute(sql, params)
+                    self.conn.run(statements)
             except sqlite3.Error as exc:
                 self.conn.execute("ROLLBACK TO replay")
                 self.conn.execute("RELEASE replay")
@@ -633,11 +629,7 @@ class Index:
                 assert self._redo is not None
                 self._redo.reset()
                 return
-            for many, sql, params in logged:
-                if many:
-                    conn.executemany(sql, params)
-                else:
-                    conn.execute(sql, params)
+            conn.run(logged)
             self._logged = len(conn.redo)
         except sqlite3.Error:
             log.exception("cannot apply closed changes again after a rollback of the index")

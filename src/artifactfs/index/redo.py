@@ -100,10 +100,11 @@ def _encode(epoch: int, statements: list[Statement]) -> bytes:
 
 def read_records(fd: int) -> Iterator[tuple[int, list[Statement]]]:
     """(epoch, statements) of every whole record, in order, up to the first damaged one."""
-    data = b""
     os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
     while chunk := os.read(fd, 1 << 20):
-        data += chunk
+        chunks.append(chunk)
+    data = b"".join(chunks)
     pos = 0
     while pos + _HEADER.size <= len(data):
         length, crc, epoch = _HEADER.unpack_from(data, pos)
@@ -203,6 +204,14 @@ def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
             continue
         found.append(DeadLog(Path(entry.path), fd))
     return found
+
+
+def unsynced_bytes(path: Path) -> int:
+    """What a live log holds (0 once its owner committed, or it is gone)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def live_unsynced(directory: Path, own: RedoLog | None) -> list[Path]:
