@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -38,6 +39,14 @@ INLINE_IO_MAX = 64 * 1024
 # thread 100+ us, and the worker's Python code competes with it for the GIL). Journalled
 # blocks are durable in the index and readable from memory meanwhile.
 MOVER_LINGER = 0.05
+# While files are being written, the mover waits for writers to pause this long before it
+# stores anything (unless dirty blocks fill half the memory budget, or someone waits for the
+# drain). Its put_many runs in a worker thread whose Python code between the syscalls of
+# each blob file takes the GIL from the trio thread: measured here, moving tar's blocks while
+# tar ran made the extraction 25-55% slower (14.5-18.2 s against 11.5-11.7 s with the moves
+# after it), the trio thread blocking 5x as often. Journalled blocks are durable and served
+# from memory meanwhile, so waiting costs only memory, which the budget bounds.
+MOVER_QUIET = 0.25
 
 
 class Sealable(Protocol):
@@ -69,6 +78,11 @@ class BlockIO:
         self._moving = 0
         self._drained = trio.Event()
         self._drained.set()
+        # When a block was last sealed (trio clock), and who waits for the mover to finish:
+        # the mover yields to writers until they pause (MOVER_QUIET), but not to them.
+        self._last_write = -math.inf
+        self._hurry = 0
+        self._nudge = trio.Event()  # set to end the mover's wait for a pause at once
         # Small blocks journalled by ANOTHER process (a mount or the API writing the same
         # store) are in the index's journal until that process's mover stores them: a miss
         # in the backend looks there (set by FileSystem; runs in whatever thread reads).
@@ -97,6 +111,8 @@ class BlockIO:
             self._tracked.clear()
             await self._released.wait()
         self.dirty_bytes += n
+        if self.dirty_bytes * 2 >= self.dirty_budget:
+            self._nudge.set()  # half the budget is dirty: the mover stops waiting for a pause
 
     def _refuse_writer(self, why: NoSpace) -> None:
         if not self._refusing:
@@ -135,6 +151,7 @@ class BlockIO:
         """Digest a sealed small block and queue it for the mover, instead of storing it on
         the commit path. Takes over the block's reservation of `block_size` dirty bytes:
         only `len(data)` stays reserved until the mover has stored it. None for a hole."""
+        self._last_write = trio.current_time()
         if self.is_zero(data):
             self.release(self.block_size)
             return None
@@ -158,11 +175,24 @@ class BlockIO:
         while not self._to_move:
             self._work = trio.Event()
             await self._work.wait()
+        await self._writers_pause()
         if len(self._to_move) < limit:
             await trio.sleep(MOVER_LINGER)
         digests, self._to_move = self._to_move[:limit], self._to_move[limit:]
         self._moving += len(digests)
         return [(d, self.pending[d]) for d in digests]
+
+    async def _writers_pause(self) -> None:
+        """Wait until no block was sealed for MOVER_QUIET, unless dirty bytes fill half the
+        budget (writers must not come to wait for room) or `drained` is awaited."""
+        while not self._hurry and self.dirty_bytes * 2 < self.dirty_budget:
+            wait = self._last_write + MOVER_QUIET - trio.current_time()
+            if wait <= 0:
+                return
+            with trio.move_on_after(wait):
+                await self._nudge.wait()
+            if self._nudge.is_set():
+                self._nudge = trio.Event()
 
     def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> None:
         """Worker thread: store a batch of pending blocks (not yet synced: their journal rows
@@ -195,8 +225,14 @@ class BlockIO:
             self._drained.set()
 
     async def drained(self) -> None:
-        """Wait until every pending block is in the backend."""
-        await self._drained.wait()
+        """Wait until every pending block is in the backend (the mover does not wait for
+        writers to pause meanwhile)."""
+        self._hurry += 1
+        self._nudge.set()
+        try:
+            await self._drained.wait()
+        finally:
+            self._hurry -= 1
 
     # ---- contents -----------------------------------------------------------------------------
 
@@ -213,6 +249,7 @@ class BlockIO:
 
     async def store(self, data: bytes) -> bytes | None:
         """Hash and store one block; None for an all-zero block (a hole)."""
+        self._last_write = trio.current_time()
         try:
             digest = await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
         except NoSpace as exc:
