@@ -12,6 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from coreutil import open_core, workspace
+
 from artifactfs.blobs.local import LocalBackend
 from artifactfs.core.blockio import MOVER_LINGER, MOVER_QUIET, BlockIO
 
@@ -28,7 +30,7 @@ class Mover:
     async def run(self) -> None:
         while True:
             batch = await self.io.next_batch()
-            self.io.put_many(batch)
+            assert self.io.put_many(batch) == len(batch)
             self.batches.append([d for d, _ in batch])
             self.io.moved(batch, ok=True)
 
@@ -125,3 +127,52 @@ async def test_drained_does_not_wait_for_a_pause(
     await settle(mock_clock, 0.5 * MOVER_QUIET)
     await settle(mock_clock, MOVER_LINGER)
     assert later in mover.moved
+
+
+async def test_a_batch_stops_when_a_writer_comes_back(io: BlockIO, tmp_path: Path) -> None:
+    """put_many runs in a worker thread: a block sealed meanwhile (here by the first put)
+    ends the batch after the blob being stored, unless the mover is hurried."""
+    staged = [await seal(io, i) for i in range(5)]
+    batch = [(d, io.pending[d]) for d in staged]
+    backend = io.backend
+    assert isinstance(backend, LocalBackend)
+    put = backend.put
+
+    def put_then_write(digest: bytes, data: bytes | memoryview) -> bool:
+        io._writes += 1  # what stage_small does on the trio thread
+        return put(digest, data)
+
+    backend.put = put_then_write  # type: ignore[method-assign]
+    assert io.put_many(batch) == 1
+    assert [backend.has(d) for d in staged] == [True, False, False, False, False]
+    io._hurry += 1  # drained() is awaited: the whole batch goes
+    assert io.put_many(batch[1:]) == 4
+    assert all(backend.has(d) for d in staged)
+
+
+async def test_the_rest_of_a_stopped_batch_is_stored_later(tmp_path: Path) -> None:
+    """FileSystem's mover puts back what a stopped batch left: every block reaches the
+    backend, the journal is emptied, and each file reads back whole."""
+    async with open_core(tmp_path / "store") as c:
+        await workspace(c)
+        files = {f"acme/shared/ws/f{i}": f"file {i}\n".encode() * (i + 1) for i in range(40)}
+        put_many = c.io.put_many
+        calls: list[int] = []
+
+        def stop_after_one(batch: list[tuple[bytes, bytes]]) -> int:
+            calls.append(len(batch))
+            return put_many(batch[:1]) if len(calls) < 4 else put_many(batch)
+
+        c.io.put_many = stop_after_one  # type: ignore[method-assign,assignment]
+        for path, data in files.items():
+            await c.write_file(path, data)
+        with trio.fail_after(30):  # a block lost on the way would keep this waiting
+            await c.io.drained()
+        assert calls[:4] == [40, 39, 38, 37]  # each stopped batch came back whole
+        assert c.io.pending == {}
+        await c.fs.retire_journal()
+        c.store.index.flush()
+        assert c.store.index.pending_blobs() == []
+        for path, data in files.items():
+            assert c.store.backend.has(hashlib.sha256(data).digest())
+            assert await c.read_file(path) == data

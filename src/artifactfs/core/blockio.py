@@ -81,6 +81,7 @@ class BlockIO:
         # When a block was last sealed (trio clock), and who waits for the mover to finish:
         # the mover yields to writers until they pause (MOVER_QUIET), but not to them.
         self._last_write = -math.inf
+        self._writes = 0  # blocks sealed so far: a mover batch stops when this moves
         self._hurry = 0
         self._nudge = trio.Event()  # set to end the mover's wait for a pause at once
         # Small blocks journalled by ANOTHER process (a mount or the API writing the same
@@ -152,6 +153,7 @@ class BlockIO:
         the commit path. Takes over the block's reservation of `block_size` dirty bytes:
         only `len(data)` stays reserved until the mover has stored it. None for a hole."""
         self._last_write = trio.current_time()
+        self._writes += 1
         if self.is_zero(data):
             self.release(self.block_size)
             return None
@@ -185,7 +187,7 @@ class BlockIO:
     async def _writers_pause(self) -> None:
         """Wait until no block was sealed for MOVER_QUIET, unless dirty bytes fill half the
         budget (writers must not come to wait for room) or `drained` is awaited."""
-        while not self._hurry and self.dirty_bytes * 2 < self.dirty_budget:
+        while not self._must_move():
             wait = self._last_write + MOVER_QUIET - trio.current_time()
             if wait <= 0:
                 return
@@ -194,16 +196,30 @@ class BlockIO:
             if self._nudge.is_set():
                 self._nudge = trio.Event()
 
-    def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> None:
+    def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> int:
         """Worker thread: store a batch of pending blocks (not yet synced: their journal rows
-        stay until a later sync, see FileSystem.retire_journal)."""
+        stay until a later sync, see FileSystem.retire_journal). Stops early, returning how
+        many it stored, when a writer seals a block meanwhile and nothing hurries the mover:
+        the rest waits for the next pause (the counters are read without a lock; at worst
+        one more block is stored)."""
         self._mover_refusal = None
+        writes = self._writes
+        done = 0
         try:
             for digest, data in batch:
+                if self._writes != writes and not self._must_move():
+                    break
                 self.backend.put(digest, data)
+                done += 1
         except NoSpace as exc:
             self._mover_refusal = exc  # told to writers by `moved`, on the trio thread
             raise
+        return done
+
+    def _must_move(self) -> bool:
+        """The mover may not wait for writers: `drained` is awaited or half the budget is
+        dirty."""
+        return bool(self._hurry) or self.dirty_bytes * 2 >= self.dirty_budget
 
     def moved(
         self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool, put: bool = True
@@ -250,6 +266,7 @@ class BlockIO:
     async def store(self, data: bytes) -> bytes | None:
         """Hash and store one block; None for an all-zero block (a hole)."""
         self._last_write = trio.current_time()
+        self._writes += 1
         try:
             digest = await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
         except NoSpace as exc:

@@ -173,7 +173,9 @@ class FileSystem:
                     if not batch:
                         continue
             try:
-                await trio.to_thread.run_sync(self.io.put_many, batch, limiter=self.io.limiter)
+                done = await trio.to_thread.run_sync(
+                    self.io.put_many, batch, limiter=self.io.limiter
+                )
             except Exception as exc:
                 # The blocks stay journalled and readable; try again shortly.
                 if not isinstance(exc, NoSpace):
@@ -185,8 +187,12 @@ class FileSystem:
                 await trio.sleep(1.0)
                 continue
             full = False
-            self._stored_journal.extend(d for d, _ in batch)
-            self.io.moved(batch, ok=True)
+            if done < len(batch):  # a writer came back: the rest waits for its next pause
+                self.io.moved(batch[done:], ok=False)
+                batch = batch[:done]
+            if batch:
+                self._stored_journal.extend(d for d, _ in batch)
+                self.io.moved(batch, ok=True)
 
     async def retire_journal(self) -> None:
         """Delete the journal rows of blocks the mover has stored, once those are synced.
