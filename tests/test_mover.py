@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-
 from coreutil import open_core, workspace
 
 from artifactfs.blobs.local import LocalBackend
@@ -153,26 +152,27 @@ async def test_a_batch_stops_when_a_writer_comes_back(io: BlockIO, tmp_path: Pat
 async def test_the_rest_of_a_stopped_batch_is_stored_later(tmp_path: Path) -> None:
     """FileSystem's mover puts back what a stopped batch left: every block reaches the
     backend, the journal is emptied, and each file reads back whole."""
-    async with open_core(tmp_path / "store") as c:
-        await workspace(c)
-        files = {f"acme/shared/ws/f{i}": f"file {i}\n".encode() * (i + 1) for i in range(40)}
-        put_many = c.io.put_many
-        calls: list[int] = []
+    # A block lost on the way would keep drained() (and the unmount) waiting.
+    with trio.fail_after(30):
+        async with open_core(tmp_path / "store") as c:
+            await workspace(c)
+            files = {f"acme/shared/ws/f{i}": f"file {i}\n".encode() * (i + 1) for i in range(40)}
+            put_many = c.io.put_many
+            calls: list[int] = []
 
-        def stop_after_one(batch: list[tuple[bytes, bytes]]) -> int:
-            calls.append(len(batch))
-            return put_many(batch[:1]) if len(calls) < 4 else put_many(batch)
+            def stop_after_one(batch: list[tuple[bytes, bytes]]) -> int:
+                calls.append(len(batch))
+                return put_many(batch[:1]) if len(calls) < 4 else put_many(batch)
 
-        c.io.put_many = stop_after_one  # type: ignore[method-assign,assignment]
-        for path, data in files.items():
-            await c.write_file(path, data)
-        with trio.fail_after(30):  # a block lost on the way would keep this waiting
+            c.io.put_many = stop_after_one  # type: ignore[method-assign,assignment]
+            for path, data in files.items():
+                await c.write_file(path, data)
             await c.io.drained()
-        assert calls[:4] == [40, 39, 38, 37]  # each stopped batch came back whole
-        assert c.io.pending == {}
-        await c.fs.retire_journal()
-        c.store.index.flush()
-        assert c.store.index.pending_blobs() == []
-        for path, data in files.items():
-            assert c.store.backend.has(hashlib.sha256(data).digest())
-            assert await c.read_file(path) == data
+            assert calls[:4] == [40, 39, 38, 37]  # each stopped batch came back whole
+            assert c.io.pending == {}
+            await c.fs.retire_journal()
+            c.store.index.flush()
+            assert c.store.index.pending_blobs() == []
+            for path, data in files.items():
+                assert c.store.backend.has(hashlib.sha256(data).digest())
+                assert await c.read_file(path) == data
