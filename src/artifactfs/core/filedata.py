@@ -413,6 +413,12 @@ class FileData:
 
     def stored_bytes(self) -> int:
         """Bytes of storage the file's non-hole blocks take now (for st_blocks)."""
+        if not (self.staged or self.sealed or self.committed):
+            # A new small file being written (every getattr and setattr of tar asks): its
+            # dirty blocks are all there is, and none is a hole.
+            dirty = self.dirty
+            size = self.size
+            return stored_estimate(len(dirty), size, self.bs, (size - 1) // self.bs in dirty)
         idxs = set(self.committed) | set(self.dirty) | set(self.sealed) | set(self.staged)
         return self._stored_of({i for i in idxs if self._source(i) is not None})
 

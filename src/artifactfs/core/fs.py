@@ -39,7 +39,7 @@ from artifactfs.core.names import (
     check_sandbox_name,
     parse_scope_name,
 )
-from artifactfs.core.nodes import ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
+from artifactfs.core.nodes import KINDS, ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
 from artifactfs.core.policy import ADMIN, Decision, Op, Place, View, decide
 from artifactfs.core.snapview import SnapView, VKind, decode_name, existing_name, is_virtual
 from artifactfs.errors import (
@@ -223,7 +223,7 @@ class FileSystem:
         return row
 
     def _attr(self, row: InodeRow) -> Attr:
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         size, mtime, ctime = row.size, row.mtime_ns, row.ctime_ns
         stored = 0
         data = self.files.get(row.id)
@@ -252,7 +252,7 @@ class FileSystem:
 
     def _place(self, row: InodeRow) -> Place:
         """The grid place an inode belongs to, for the policy."""
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         if kind is NodeKind.ROOT:
             return Place()
         if kind is NodeKind.SANDBOX:
@@ -301,7 +301,7 @@ class FileSystem:
     def _visible(self, row: InodeRow) -> bool:
         # The administrative view sees everything but expired session scopes, which only
         # a scope row can be (what is inside is reached through it).
-        if self.view.is_admin and NodeKind(row.kind) is not NodeKind.SCOPE:
+        if self.view.is_admin and KINDS[row.kind] is not NodeKind.SCOPE:
             return True
         return decide(self.view, Op.SEE, self._place(row)) is not Decision.HIDDEN
 
@@ -368,14 +368,14 @@ class FileSystem:
         row = self.index.lookup_child_inode(parent, name)
         if row is None:
             prow = self._row(parent)
-            if not NodeKind(prow.kind).is_dir:
+            if not KINDS[prow.kind].is_dir:
                 raise NotADirectory()
             if self._is_snapshots(prow, name):
                 if not self._visible(prow):
                     raise NotFound()
                 return self.snap.snapshots_dir(prow)
             raise NotFound()
-        if NodeKind(row.kind) in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
+        if KINDS[row.kind] in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
             raise NotFound()
         return self._attr(row)
 
@@ -387,7 +387,7 @@ class FileSystem:
     async def setattr(self, ino: int, ch: AttrChanges, caller: Caller) -> Attr:
         self._refuse_virtual(ino)
         row = self._row(ino)
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         self._require(Op.WRITE, row)
         if kind.is_grid and (ch.size is not None or ch.uid is not None or ch.gid is not None):
             raise NotPermitted("grid directories cannot be resized or given away")
@@ -441,7 +441,7 @@ class FileSystem:
     @staticmethod
     def _is_snapshots(prow: InodeRow, name: bytes) -> bool:
         """Whether `name` in `prow` is a virtual `.snapshots` (workspace roots and scopes)."""
-        return name == SNAPSHOTS_NAME and NodeKind(prow.kind) in (NodeKind.NSROOT, NodeKind.SCOPE)
+        return name == SNAPSHOTS_NAME and KINDS[prow.kind] in (NodeKind.NSROOT, NodeKind.SCOPE)
 
     def volatile(self, ino: int) -> bool:
         """Whether the kernel should not cache this node's entry and attributes: a virtual
@@ -490,7 +490,7 @@ class FileSystem:
 
     def _dir_row(self, ino: int) -> InodeRow:
         row = self._row(ino)
-        if not NodeKind(row.kind).is_dir:
+        if not KINDS[row.kind].is_dir:
             raise NotADirectory()
         if row.nlink == 0:
             raise NotFound("directory was removed")
@@ -514,7 +514,7 @@ class FileSystem:
         now: int,
     ) -> InodeRow:
         gid = caller.gid
-        if parent.mode & stat.S_ISGID and not NodeKind(parent.kind).is_grid:
+        if parent.mode & stat.S_ISGID and not KINDS[parent.kind].is_grid:
             gid = parent.gid
             if kind.is_dir:
                 mode |= stat.S_ISGID
@@ -543,7 +543,7 @@ class FileSystem:
         if is_virtual(parent):
             return await self._take_checkpoint(parent, name, VKind.SNAPSHOTS, caller)
         prow = self._dir_row(parent)
-        kind = NodeKind(prow.kind)
+        kind = KINDS[prow.kind]
         now = _now()
         mode = stat.S_IFDIR | (mode & 0o7777)
         with self.index.txn():
@@ -564,7 +564,7 @@ class FileSystem:
 
     def _check_inner_name(self, parent: InodeRow, name: bytes) -> None:
         check_name(name)
-        if name == SNAPSHOTS_NAME and NodeKind(parent.kind) is NodeKind.NSROOT:
+        if name == SNAPSHOTS_NAME and KINDS[parent.kind] is NodeKind.NSROOT:
             log.warning(
                 "refused to create .snapshots at the top of workspace inode %d: the name is "
                 "reserved for its checkpoints (EINVAL)",
@@ -645,7 +645,7 @@ class FileSystem:
             row = self._create_file(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
         else:
             prow = self._dir_row(parent)
-            if NodeKind(prow.kind).is_grid:
+            if KINDS[prow.kind].is_grid:
                 raise NotPermitted("only directories and regular files can be grid namespaces")
             self._check_inner_name(prow, name)
             self._require(Op.WRITE, prow)
@@ -673,7 +673,7 @@ class FileSystem:
 
     def _create_file(self, parent: int, name: bytes, mode: int, caller: Caller) -> InodeRow:
         prow = self._dir_row(parent)
-        kind = NodeKind(prow.kind)
+        kind = KINDS[prow.kind]
         now = _now()
         with self.index.txn():
             if kind is NodeKind.SCOPE:
@@ -705,7 +705,7 @@ class FileSystem:
     async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
         self._refuse_virtual(parent)
         prow = self._dir_row(parent)
-        if NodeKind(prow.kind).is_grid:
+        if KINDS[prow.kind].is_grid:
             raise NotPermitted("symbolic links cannot be grid namespaces")
         self._check_inner_name(prow, name)
         self._require(Op.WRITE, prow)
@@ -735,10 +735,10 @@ class FileSystem:
         self._refuse_virtual(ino, new_parent)
         row = self._row(ino)
         prow = self._dir_row(new_parent)
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         if kind.is_dir:
             raise NotPermitted("hard links to directories are not allowed")
-        if NodeKind(prow.kind).is_grid or row.namespace_id != prow.namespace_id:
+        if KINDS[prow.kind].is_grid or row.namespace_id != prow.namespace_id:
             raise CrossDevice("hard links cannot cross namespaces")
         if row.nlink == 0:
             raise NotFound("the file was removed")
@@ -769,20 +769,20 @@ class FileSystem:
             if self._is_snapshots(prow, name):
                 raise ReadOnly(".snapshots cannot be removed")
             raise NotFound()
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         if kind.is_dir:
             raise IsADirectory()
         self._require(Op.WRITE, prow)
         now = _now()
         with self.index.txn():
-            if NodeKind(prow.kind) is NodeKind.SCOPE:
+            if KINDS[prow.kind] is NodeKind.SCOPE:
                 self._destroy_namespace(row)
             self._drop_name(prow, name, row, now)
         self._reap(row.id)
 
     def _drop_name(self, prow: InodeRow, name: bytes, row: InodeRow, now: int) -> None:
         self.index.remove_dentry(prow.id, name)
-        if NodeKind(row.kind).is_dir:
+        if KINDS[row.kind].is_dir:
             self.index.add_nlink(row.id, -row.nlink, ctime_ns=now)
             self.index.add_nlink(prow.id, -1)
         else:
@@ -805,14 +805,14 @@ class FileSystem:
             raise NotFound()
         if name == b".":
             raise InvalidArgument()
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         if not kind.is_dir:
             raise NotADirectory()
         if kind in (NodeKind.SANDBOX, NodeKind.SCOPE) and not self._visible(row):
             raise NotFound()
         if self.index.has_children(row.id):
             raise NotEmpty()
-        pkind = NodeKind(prow.kind)
+        pkind = KINDS[prow.kind]
         if pkind is NodeKind.ROOT:
             if decide(self.view, Op.CREATE_SANDBOX, Place()) is not Decision.ALLOW:
                 raise AccessDenied("this credential cannot remove sandboxes")
@@ -886,7 +886,7 @@ class FileSystem:
             if self._is_snapshots(op, old_name):
                 raise ReadOnly(".snapshots cannot be renamed")
             raise NotFound()
-        okind, nkind = NodeKind(op.kind), NodeKind(np.kind)
+        okind, nkind = KINDS[op.kind], KINDS[np.kind]
         if okind.is_grid or nkind.is_grid:
             await self._rename_grid(op, old_name, np, new_name, src, flags)
             return
@@ -902,10 +902,10 @@ class FileSystem:
             raise NotFound()
         if dst is not None and dst.id == src.id:
             return  # two names of one file: POSIX says do nothing
-        src_dir = NodeKind(src.kind).is_dir
+        src_dir = KINDS[src.kind].is_dir
         if src_dir:
             self._check_not_ancestor(src.id, np.id)
-        if exchange and dst is not None and NodeKind(dst.kind).is_dir:
+        if exchange and dst is not None and KINDS[dst.kind].is_dir:
             self._check_not_ancestor(dst.id, op.id)
         now = _now()
         with self.index.txn():
@@ -914,7 +914,7 @@ class FileSystem:
                 self.index.set_dentry_inode(op.id, old_name, dst.id)
                 self.index.set_dentry_inode(np.id, new_name, src.id)
                 if op.id != np.id:
-                    delta = int(src_dir) - int(NodeKind(dst.kind).is_dir)
+                    delta = int(src_dir) - int(KINDS[dst.kind].is_dir)
                     if delta:
                         self.index.add_nlink(np.id, delta)
                         self.index.add_nlink(op.id, -delta)
@@ -922,7 +922,7 @@ class FileSystem:
                     self.index.touch_inode(ino, mtime_ns=None, ctime_ns=now)
             else:
                 if dst is not None:
-                    dst_dir = NodeKind(dst.kind).is_dir
+                    dst_dir = KINDS[dst.kind].is_dir
                     if src_dir and not dst_dir:
                         raise NotADirectory()
                     if dst_dir and not src_dir:
@@ -963,7 +963,7 @@ class FileSystem:
         src: InodeRow,
         flags: int,
     ) -> None:
-        okind = NodeKind(op.kind)
+        okind = KINDS[op.kind]
         if op.id != np.id:
             # Across scopes, sandboxes, or between a grid level and a workspace: like a
             # different filesystem, so that mv copies.
@@ -999,8 +999,8 @@ class FileSystem:
         assert ns is not None
         with self.index.txn():
             if dst is not None:
-                if NodeKind(dst.kind) != NodeKind(src.kind):
-                    raise IsADirectory() if NodeKind(dst.kind).is_dir else NotADirectory()
+                if KINDS[dst.kind] != KINDS[src.kind]:
+                    raise IsADirectory() if KINDS[dst.kind].is_dir else NotADirectory()
                 if self.index.has_children(dst.id):
                     raise NotEmpty()
                 self._destroy_namespace(dst)
@@ -1076,7 +1076,7 @@ class FileSystem:
         if is_virtual(ino):
             return self._open_virtual(ino, flags)
         row = self._row(ino)
-        kind = NodeKind(row.kind)
+        kind = KINDS[row.kind]
         if kind.is_dir:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise IsADirectory()
@@ -1165,7 +1165,7 @@ class FileSystem:
     async def file_digest(self, ino: int) -> bytes:
         """The whole-content SHA-256 of a file, computed once per content and kept."""
         row = self._row(ino)
-        if NodeKind(row.kind) is not NodeKind.FILE:
+        if KINDS[row.kind] is not NodeKind.FILE:
             raise NoData()
         data = self.files.get(ino)
         if data is not None and not data.clean:
@@ -1198,7 +1198,7 @@ class FileSystem:
             self._snap_visible(ino)
             return ino
         row = self._row(ino)
-        if not NodeKind(row.kind).is_dir:
+        if not KINDS[row.kind].is_dir:
             raise NotADirectory()
         return ino
 
@@ -1214,7 +1214,7 @@ class FileSystem:
                 for e in await self.snap.readdir(ino, after, limit)
             ]
         out: list[DirEntry] = []
-        grid = NodeKind(self._row(ino).kind) in (NodeKind.ROOT, NodeKind.SANDBOX)
+        grid = KINDS[self._row(ino).kind] in (NodeKind.ROOT, NodeKind.SANDBOX)
         while len(out) < limit:
             rows = self.index.list_children(ino, after, limit)
             if not rows:
@@ -1268,7 +1268,7 @@ class FileSystem:
             return value
         row = self._row(ino)
         if name == XATTR_SHA256:
-            if NodeKind(row.kind) is not NodeKind.FILE:
+            if KINDS[row.kind] is not NodeKind.FILE:
                 raise NoData()
             return (await self.file_digest(ino)).hex().encode()
         if name == XATTR_NAMESPACE:
