@@ -69,8 +69,10 @@ class BlockIO:
         self.limiter = trio.CapacityLimiter(threads)
         self.dirty_budget = dirty_budget
         self.dirty_bytes = 0
-        # Replaced by a fresh Event at every release, so waiters wake once per release.
+        # Replaced by a fresh Event at every release while writers wait, so they wake once
+        # per release.
         self._released = trio.Event()
+        self._waiting = 0  # writers waiting in `reserve` for a release
         # Small blocks journalled in the index and waiting for the mover: digest -> bytes.
         self.pending: dict[bytes, bytes] = {}
         self._to_move: list[bytes] = []
@@ -110,7 +112,11 @@ class BlockIO:
             for f in list(self._tracked):
                 f.seal_all()
             self._tracked.clear()
-            await self._released.wait()
+            self._waiting += 1
+            try:
+                await self._released.wait()
+            finally:
+                self._waiting -= 1
         self.dirty_bytes += n
         if self.dirty_bytes * 2 >= self.dirty_budget:
             self._nudge.set()  # half the budget is dirty: the mover stops waiting for a pause
@@ -143,8 +149,9 @@ class BlockIO:
         self._wake()
 
     def _wake(self) -> None:
-        self._released.set()
-        self._released = trio.Event()
+        if self._waiting:  # every close releases twice; nobody waits, as a rule
+            self._released.set()
+            self._released = trio.Event()
 
     # ---- pending small blocks -----------------------------------------------------------------
 
