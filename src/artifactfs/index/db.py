@@ -271,6 +271,23 @@ def _checkpoint(row: tuple[Any, ...]) -> CheckpointRow:
     return CheckpointRow(*r)
 
 
+class _Unit:
+    """`Index.txn()`'s context manager. A class and not @contextmanager: every request runs
+    one unit or more, and entering and leaving a generator-based manager took 1.5 us here
+    against 0.4 us for this."""
+
+    __slots__ = ("_index",)
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._index._enter_unit()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._index._exit_unit(kind is not None)
+
+
 class Index:
     """The metadata index of one store."""
 
@@ -289,6 +306,9 @@ class Index:
         self.conn.execute("PRAGMA foreign_keys = OFF")
         self.conn.execute("PRAGMA cache_size = -65536")
         self._depth = 0
+        self._unit = _Unit(self)
+        self._unit_grouped = False  # the open unit is a SAVEPOINT of a group transaction
+        self._unit_mark: int | None = None  # its start in conn.redo
         # Row cache of `inodes`: id -> the row exactly as in the database. Served only inside
         # a write transaction of this connection (nobody else can write then), kept across
         # our own commits, and dropped at every BEGIN after which `PRAGMA data_version` says
@@ -384,8 +404,7 @@ class Index:
 
     # ---- transactions -------------------------------------------------------------------------
 
-    @contextmanager
-    def txn(self) -> Iterator[sqlite3.Connection]:
+    def txn(self) -> _Unit:
         """One atomic unit of work; nested uses join the outer one; rolled back on exception.
 
         Without group commit each unit is its own transaction. With group commit (the daemon)
@@ -394,69 +413,70 @@ class Index:
         burst of metadata operations (tar, rm -r) pays one commit instead of one each.
 
         Callers must not await inside a unit (tests/test_layering.py checks): another task's
-        unit would otherwise join it as a nested one.
+        unit would otherwise join it as a nested one. That is also why one `_Unit` object
+        serves them all.
         """
+        return self._unit
+
+    def _enter_unit(self) -> sqlite3.Connection:
+        conn = self.conn
         if self._depth:
             self._depth += 1
-            try:
-                yield self.conn
-            finally:
-                self._depth -= 1
-            return
-        if self.group_commit:
-            conn = self.conn
+            return conn
+        self._unit_grouped = self.group_commit
+        if self._unit_grouped:
             if not conn.in_transaction:
                 self._begin()
             conn.execute("SAVEPOINT unit")
             conn.undo = {}
-            mark = None if conn.redo is None else len(conn.redo)
-            self._depth = 1
-            try:
-                yield conn
-            except BaseException:
-                self._depth = 0
-                undo, conn.undo = conn.undo, None
+            self._unit_mark = None if conn.redo is None else len(conn.redo)
+        else:
+            self._begin()
+        self._depth = 1
+        return conn
+
+    def _exit_unit(self, failed: bool) -> None:
+        if self._depth > 1:
+            self._depth -= 1
+            return
+        self._depth = 0
+        conn = self.conn
+        if not self._unit_grouped:
+            if failed:
+                self._drop_rows()
+                self._writing = False
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
-                    if conn.redo is not None and mark is not None:
-                        del conn.redo[mark:]
-                    # Deferred rows as they were before the unit; the cache keeps only them
-                    # (anything else it holds may show what the savepoint just undid).
-                    for ino, (_, before) in undo.items():
-                        if before is None:
-                            conn.deferred.pop(ino, None)
-                        else:
-                            conn.deferred[ino] = before
-                    self._rows.clear()
-                    self._rows.update(conn.deferred)
-                    conn.xattr_free.clear()
-                else:  # the whole group transaction is gone (SQLite rolled it back)
-                    self._drop_rows()
-                    self._writing = False
-                    self._group_lost()
-                raise
-            self._depth = 0
-            conn.undo = None
+                    conn.execute("ROLLBACK")
+                self._release_replayed()
+            else:
+                self._commit()
+            return
+        undo, conn.undo = conn.undo, None
+        if not failed:
             conn.execute("RELEASE unit")
             self._grouped += 1
             if self._grouped >= GROUP_COMMIT_MAX_UNITS:
                 self.flush()
-            return
-        self._begin()
-        self._depth = 1
-        try:
-            yield self.conn
-        except BaseException:
-            self._depth = 0
+        elif conn.in_transaction:
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+            mark = self._unit_mark
+            if conn.redo is not None and mark is not None:
+                del conn.redo[mark:]
+            # Deferred rows as they were before the unit; the cache keeps only them
+            # (anything else it holds may show what the savepoint just undid).
+            for ino, (_, before) in (undo or {}).items():
+                if before is None:
+                    conn.deferred.pop(ino, None)
+                else:
+                    conn.deferred[ino] = before
+            self._rows.clear()
+            self._rows.update(conn.deferred)
+            conn.xattr_free.clear()
+        else:  # the whole group transaction is gone (SQLite rolled it back)
             self._drop_rows()
             self._writing = False
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            self._release_replayed()
-            raise
-        self._depth = 0
-        self._commit()
+            self._group_lost()
 
     @contextmanager
     def read_txn(self) -> Iterator[None]:
