@@ -155,16 +155,17 @@ class BlockIO:
 
     # ---- pending small blocks -----------------------------------------------------------------
 
-    def stage_small(self, data: bytes) -> bytes | None:
+    def stage_small(self, data: bytes, hashed: hashlib._Hash | None = None) -> bytes | None:
         """Digest a sealed small block and queue it for the mover, instead of storing it on
         the commit path. Takes over the block's reservation of `block_size` dirty bytes:
-        only `len(data)` stays reserved until the mover has stored it. None for a hole."""
+        only `len(data)` stays reserved until the mover has stored it. None for a hole.
+        `hashed`: a SHA-256 fed exactly `data` already (its digest is taken now)."""
         self._last_write = trio.current_time()
         self._writes += 1
         if self.is_zero(data):
             self.release(self.block_size)
             return None
-        digest = hashlib.sha256(data).digest()
+        digest = (hashed if hashed is not None else hashlib.sha256(data)).digest()
         self.release(self.block_size - len(data))
         if digest in self.pending:
             self.release(len(data))  # the same content is already on its way

@@ -239,7 +239,13 @@ class FileData:
 
     def _seal_data(self, idx: int, data: bytes) -> None:
         start = idx * self.bs
-        if self.hasher is not None and start <= self.hash_pos < start + len(data):
+        first: hashlib._Hash | None = None
+        if self.hasher is not None and idx == self.hash_pos == 0 and len(data) <= INLINE_IO_MAX:
+            # The first block of a small file: the whole-file digest so far and the block's
+            # digest are one hash of the same bytes (most closes are of such files).
+            first = self.hasher = hashlib.sha256(data)
+            self.hash_pos = len(data)
+        elif self.hasher is not None and start <= self.hash_pos < start + len(data):
             chunk = data[self.hash_pos - start :]
             self.hash_pos = start + len(data)
             if len(chunk) <= INLINE_HASH_MAX and self._hash_tail.is_set():
@@ -253,7 +259,7 @@ class FileData:
         if len(data) <= INLINE_IO_MAX:
             # Small: digest now, journal it with the commit, let the mover store it. A close
             # then costs one index commit instead of a blob file creation.
-            digest = self.io.stage_small(data)
+            digest = self.io.stage_small(data, first)
             self.staged[idx] = None if digest is None else (digest, len(data))
             return
         version = self.versions[idx]
