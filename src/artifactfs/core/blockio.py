@@ -160,8 +160,7 @@ class BlockIO:
         the commit path. Takes over the block's reservation of `block_size` dirty bytes:
         only `len(data)` stays reserved until the mover has stored it. None for a hole.
         `hashed`: a SHA-256 fed exactly `data` already (its digest is taken now)."""
-        self._last_write = trio.current_time()
-        self._writes += 1
+        self._wrote()
         if self.is_zero(data):
             self.release(self.block_size)
             return None
@@ -191,6 +190,11 @@ class BlockIO:
         digests, self._to_move = self._to_move[:limit], self._to_move[limit:]
         self._moving += len(digests)
         return [(d, self.pending[d]) for d in digests]
+
+    def _wrote(self) -> None:
+        """A block was sealed: the mover waits for the next pause (MOVER_QUIET)."""
+        self._last_write = trio.current_time()
+        self._writes += 1
 
     async def _writers_pause(self) -> None:
         """Wait until no block was sealed for MOVER_QUIET, unless dirty bytes fill half the
@@ -273,8 +277,7 @@ class BlockIO:
 
     async def store(self, data: bytes) -> bytes | None:
         """Hash and store one block; None for an all-zero block (a hole)."""
-        self._last_write = trio.current_time()
-        self._writes += 1
+        self._wrote()
         try:
             digest = await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
         except NoSpace as exc:

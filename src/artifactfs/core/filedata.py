@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import trio
@@ -422,13 +423,11 @@ class FileData:
         if not (self.staged or self.sealed or self.committed):
             # A new small file being written (every getattr and setattr of tar asks): its
             # dirty blocks are all there is, and none is a hole.
-            dirty = self.dirty
-            size = self.size
-            return stored_estimate(len(dirty), size, self.bs, (size - 1) // self.bs in dirty)
+            return self._stored_of(self.dirty)
         idxs = set(self.committed) | set(self.dirty) | set(self.sealed) | set(self.staged)
         return self._stored_of({i for i in idxs if self._source(i) is not None})
 
-    def _stored_of(self, idxs: set[int]) -> int:
+    def _stored_of(self, idxs: Collection[int]) -> int:
         return stored_estimate(len(idxs), self.size, self.bs, (self.size - 1) // self.bs in idxs)
 
     @property

@@ -218,9 +218,9 @@ def live_unsynced(directory: Path, own: RedoLog | None) -> list[Path]:
     """Logs of live processes that hold records (closes their owner has not committed yet)."""
     found = []
     for entry in _other_logs(directory, own):
+        if not unsynced_bytes(Path(entry.path)):
+            continue
         try:
-            if entry.stat().st_size == 0:
-                continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
