@@ -392,6 +392,31 @@ def test_checkpoint_folds_the_wal(index: Index, db_path: Path) -> None:
         conn.close()
 
 
+def test_wal_starts_again_during_a_burst_of_group_commits(grouped: Index, db_path: Path) -> None:
+    """The group transaction begins again right after each commit, as under a steady stream of
+    writes; checkpoints run meanwhile from the worker's connection. Past `wal_reset_bytes`
+    the WAL must start again from its beginning instead of growing with every commit."""
+    grouped.defer_checkpoints()
+    grouped.wal_reset_bytes = 256 << 10
+    wal = db_path.with_name(db_path.name + "-wal")
+    for i in range(300):
+        with grouped.txn():
+            grouped.set_meta(f"k{i % 10}", f"{i:08d}" * 1000)  # overflow pages
+        grouped.flush()
+        with grouped.txn():  # the next unit, at once
+            grouped.set_meta("busy", str(i))
+        grouped.checkpoint()
+    grouped.flush()
+    assert wal.stat().st_size < 1 << 20  # 300 commits of 3+ pages: 4 MB without restarts
+    assert grouped.get_meta("k9") == f"{299:08d}" * 1000
+    conn = raw(db_path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'busy'").fetchone() == ("299",)
+    finally:
+        conn.close()
+
+
 def test_make_durable_keeps_data(index: Index) -> None:
     with index.txn():
         index.set_meta("store_id", "abc")
