@@ -641,8 +641,10 @@ def main(argv: list[str] | None = None) -> int:
             opened = {t: stack.enter_context(open_target(t, root)) for t in targets}
             settings = {t: opened[t].settings for t in targets}
             for rep in range(repeat):
-                # Interleaved: each repetition visits every target, so drift hits all alike.
-                for t in targets:
+                # Interleaved: each repetition visits every target, so drift hits all alike;
+                # every other one in reverse order, so that a target that follows another
+                # (its leftover writeback, a slow phase of the machine) is not always the same.
+                for t in targets if rep % 2 == 0 else targets[::-1]:
                     base = opened[t].workdir / f"run{rep}"
                     base.mkdir()
 

@@ -44,7 +44,7 @@ CALLER = Caller(uid=os.getuid(), gid=os.getgid())
 
 
 async def _mkdir(fs: FileSystem, parent: int, name: str) -> int:
-    return (await fs.mkdir(parent, name.encode(), 0o755, CALLER)).ino
+    return int((await fs.mkdir(parent, name.encode(), 0o755, CALLER)).ino)
 
 
 async def _write(fs: FileSystem, parent: int, name: str, data: bytes) -> None:
@@ -81,7 +81,7 @@ async def run(workdir: Path, files: int, dirs: int) -> dict[str, float]:
             per_dir = max(files // dirs, 1)
             _timed_log(f"building {files:,} files in {dirs:,} directories")
             t0 = time.perf_counter()
-            dir_inos = []
+            dir_inos: list[int] = []
             for d in range(dirs):
                 top = await _mkdir(fs, ws, f"d{d % 10}") if d < 10 else dir_inos[d % 10]
                 sub = top if d < 10 else await _mkdir(fs, top, f"sub{d}")
