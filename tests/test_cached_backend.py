@@ -84,7 +84,7 @@ def test_eviction_only_after_upload_and_lru(make) -> None:  # type: ignore[no-un
         c.put(d, data)
     extra, extra_data = blob("lru-extra", 100 * KB)
     t = time.monotonic()
-    with pytest.raises(NoSpace):  # all four pinned: nothing may go
+    with pytest.raises(NoSpace, match=r"\(400\.0 KiB\)"):  # all four pinned: nothing may go
         c.put(extra, extra_data)
     assert 0.4 < time.monotonic() - t < 5
     for d, _ in blocks:

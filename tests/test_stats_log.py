@@ -68,3 +68,11 @@ async def test_event_filters(tmp_path: Path) -> None:
         assert index.ops_events(since_ns=time.time_ns() + 10**9) == []
         assert [e.seq for e in index.ops_events(after=every[-2].seq)] == [every[-1].seq]
         assert len(index.ops_events(limit=2)) == 2
+
+
+def test_sizes_read_in_the_largest_unit_of_one_or_more() -> None:
+    from artifactfs.units import human
+
+    assert [human(n) for n in (0, 1023, 1024, 400 * 1024, 3 << 20, 5 << 40, 2000 << 40)] == [
+        "0 B", "1023 B", "1.0 KiB", "400.0 KiB", "3.0 MiB", "5.0 TiB", "2000.0 TiB",
+    ]

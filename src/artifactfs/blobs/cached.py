@@ -51,6 +51,7 @@ from artifactfs.blobs.backend import digest_hex
 from artifactfs.blobs.local import LocalBackend
 from artifactfs.blobs.s3 import BUCKET_FREE, S3Backend
 from artifactfs.errors import Corrupt, NoSpace, NotFound, StorageError
+from artifactfs.units import human
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class CachedBackend:
                     if left <= 0:
                         raise NoSpace(
                             f"the block cache is full of blocks not yet uploaded "
-                            f"({self.budget >> 20} MiB) and the object store did not take "
+                            f"({human(self.budget)}) and the object store did not take "
                             f"any for {self.full_wait:.0f} s"
                         )
                     # Once per episode, and not again within FULL_LOG_QUIET of the last one:
@@ -232,9 +233,9 @@ class CachedBackend:
                         self._full_logged = True
                         pinned = sum(e.size for e in self._entries.values() if not e.clean)
                         log.warning(
-                            "block cache full: %d MiB not yet uploaded (budget %d MiB); "
+                            "block cache full: %s not yet uploaded (budget %s); "
                             "writes wait up to %.0f s for the object store (%s)",
-                            pinned >> 20, self.budget >> 20, self.full_wait,
+                            human(pinned), human(self.budget), self.full_wait,
                             self.remote.location.describe(),
                         )  # fmt: skip
                     self._space.wait(timeout=min(left, 1.0))

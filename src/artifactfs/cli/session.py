@@ -21,6 +21,7 @@ from artifactfs.core.nodes import Caller
 from artifactfs.errors import NotFound, StoreMissing
 from artifactfs.index.db import CheckpointRow, NamespaceRow
 from artifactfs.store import Store, is_store
+from artifactfs.units import human as human  # re-exported for the commands
 
 T = TypeVar("T")
 
@@ -81,10 +82,3 @@ def when(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

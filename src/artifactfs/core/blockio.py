@@ -25,6 +25,7 @@ import trio
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.errors import NoSpace, NotFound, StorageError
+from artifactfs.units import human
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,9 @@ class BlockIO:
         if not self._refusing:
             self._refusing = True
             log.warning(
-                "writes fail with ENOSPC (%d MiB of written data wait for the block store): "
+                "writes fail with ENOSPC (%s of written data wait for the block store): "
                 "%s; they resume by themselves once it takes blocks again",
-                self.dirty_bytes >> 20, why.message,
+                human(self.dirty_bytes), why.message,
             )  # fmt: skip
         raise NoSpace(why.message)
 
