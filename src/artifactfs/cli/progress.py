@@ -14,7 +14,7 @@ import sys
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
-from artifactfs.core.gc import Progress
+from artifactfs.core.progress import Progress
 
 if TYPE_CHECKING:
     from rich.progress import Task

@@ -39,17 +39,13 @@ from artifactfs.core.manifest import (
 )
 from artifactfs.core.names import check_name
 from artifactfs.core.nodes import NodeKind
+from artifactfs.core.progress import Progress
 from artifactfs.errors import Exists, InvalidName, NotFound
 from artifactfs.index.db import CheckpointRow, Index, InodeRow, NamespaceRow
 
 log = logging.getLogger(__name__)
 
 MANIFEST_CACHE = 4096
-
-# progress(phase, advance, total), the shape of core.gc.Progress (gc imports restore, which
-# imports this module, so the long-running core operations take the alias from here); total
-# is None while unknown. It may be called from a worker thread.
-Progress = Callable[[str, int, int | None], None]
 
 
 def check_checkpoint_name(name: str) -> bytes:

@@ -50,6 +50,7 @@ from artifactfs.blobs.cached import CachedBackend
 from artifactfs.core.gc import DEFAULT_GRACE_S, References, live_mounts, walk_manifests
 from artifactfs.core.grid import grid_path_of
 from artifactfs.core.nodes import ROOT_INODE, NodeKind
+from artifactfs.core.progress import Progress
 from artifactfs.errors import ArtifactFsError, NotFound, StorageError
 from artifactfs.index.db import CheckpointRow, Index
 
@@ -69,9 +70,6 @@ NOT_IN_BUCKET = "not-in-bucket"
 
 MAX_NAMED = 5  # files or checkpoints named per finding, then a count
 VERIFY_THREADS = 8  # concurrent GETs when verifying a bucket (latency, not bandwidth, bound)
-
-# progress(phase, advance, total)
-Progress = Callable[[str, int, int | None], None]
 
 
 class RepairRefused(ArtifactFsError):

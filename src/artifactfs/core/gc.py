@@ -77,6 +77,7 @@ from artifactfs.blobs.cached import CachedBackend
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.manifest import ManifestError, child_digests, decode
 from artifactfs.core.nodes import Caller, NodeKind
+from artifactfs.core.progress import Progress
 from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_ORPHAN
 from artifactfs.errors import ArtifactFsError, Corrupt, NotFound, StorageError
 from artifactfs.index.db import CheckpointRow, Index, ScopeRow, pid_alive
@@ -88,9 +89,6 @@ DELETE_BATCH = 1000
 # Backend mtimes have coarse resolution on some filesystems: a build's intent covers blobs
 # written up to this long before its row.
 BUILD_SLACK_NS = 2 * 10**9
-
-# progress(phase, advance, total): phases "list", "walk", "delete"; total None if unknown.
-Progress = Callable[[str, int, int | None], None]
 
 
 class GcError(ArtifactFsError):

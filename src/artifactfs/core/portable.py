@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 import cbor2
 import trio
 
-from artifactfs.core.checkpoints import Checkpoints, Progress, check_checkpoint_name
+from artifactfs.core.checkpoints import Checkpoints, check_checkpoint_name
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.grid import (
     GridPath,
@@ -60,6 +60,7 @@ from artifactfs.core.grid import (
 )
 from artifactfs.core.manifest import FILE, Entry, Manifest, ManifestError, decode
 from artifactfs.core.nodes import Caller
+from artifactfs.core.progress import Progress
 from artifactfs.core.restore import CHANGE_ENTRY, CHANGE_INODE, restore
 from artifactfs.errors import (
     Corrupt,

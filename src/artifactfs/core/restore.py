@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from artifactfs.core.checkpoints import Checkpoints, Progress, entry_from_row
+from artifactfs.core.checkpoints import Checkpoints, entry_from_row
 from artifactfs.core.filedata import stored_estimate
 from artifactfs.core.manifest import DIR, FILE, SPECIAL, SYMLINK, Entry, Manifest
 from artifactfs.core.nodes import NodeKind
+from artifactfs.core.progress import Progress
 from artifactfs.errors import Corrupt, NotFound
 from artifactfs.index.db import Index, InodeRow, NamespaceRow
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import trio
 
 from artifactfs.core.blockio import BlockIO
-from artifactfs.core.checkpoints import Progress
 from artifactfs.core.manifest import FILE, Entry, Manifest, ManifestError, decode, digest_of
+from artifactfs.core.progress import Progress
 from artifactfs.errors import NotFound, StorageError
 
 MISSING_MANIFEST = "missing-manifest"
