@@ -1153,3 +1153,15 @@ def test_inodes_made_here_answer_getxattr_without_a_query(grouped: Index, db_pat
         conn.close()
     with ix.txn():
         assert ix.get_xattr(other.id, b"user.x") == b"1"
+
+
+def test_upload_states_answers_known_digests_in_batches(index: Index) -> None:
+    index.remote = True  # new blobs wait for upload
+    digests = [i.to_bytes(32, "big") for i in range(1, 1201)]
+    with index.txn():
+        index.record_blobs(((d, 10) for d in digests[:1100]), 1)
+        index.mark_uploaded(digests[:300:3])
+    states = index.upload_states(iter(digests))  # any iterable, past one batch of 500
+    assert set(states) == set(digests[:1100])  # unknown digests are absent
+    assert {d for d, up in states.items() if up} == set(digests[:300:3])
+    assert index.upload_states([]) == {}
