@@ -259,6 +259,14 @@ class IndexConnection(sqlite3.Connection):
         self.deferred = {}
 
 
+def _in_groups(digests: list[bytes], size: int = 500) -> Iterator[tuple[list[bytes], str]]:
+    """`digests` in groups of `size`, each with its `?, ?, ...` for an `IN (...)` (one
+    statement per group instead of one per digest, well under SQLite's variable limit)."""
+    for i in range(0, len(digests), size):
+        part = digests[i : i + size]
+        yield part, ", ".join("?" * len(part))
+
+
 def _inode(row: tuple[Any, ...]) -> InodeRow:
     return InodeRow(*row)
 
@@ -1753,9 +1761,7 @@ class Index:
         """Those of `digests` that a block map, the journal or a clean directory names now,
         or whose `blobs` row was written after `young_after_ns` (gc's re-check)."""
         out: set[bytes] = set()
-        for i in range(0, len(digests), 500):
-            part = digests[i : i + 500]
-            marks = ", ".join("?" * len(part))
+        for part, marks in _in_groups(digests):
             sql = (
                 f"SELECT digest FROM blocks WHERE digest IN ({marks}) "
                 f"UNION SELECT digest FROM pending_blobs WHERE digest IN ({marks}) "
@@ -1970,10 +1976,7 @@ class Index:
     def upload_states(self, digests: Iterable[bytes]) -> dict[bytes, bool]:
         """For each digest the index knows, whether it is uploaded (absent: not recorded)."""
         out: dict[bytes, bool] = {}
-        wanted = list(digests)
-        for i in range(0, len(wanted), 500):  # one statement per 500 (the mover asks for 256)
-            part = wanted[i : i + 500]
-            marks = ", ".join("?" * len(part))
+        for part, marks in _in_groups(list(digests)):
             sql = f"SELECT digest, uploaded FROM blobs WHERE digest IN ({marks})"
             out.update((bytes(d), bool(u)) for d, u in self.conn.execute(sql, part))
         return out
