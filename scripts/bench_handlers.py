@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Replay a tar-like stream of FUSE requests through the adapter, without the kernel.
+"""Replay a tar-like or git-checkout-like stream of FUSE requests through the adapter, without
+the kernel.
 
-The mix per file is what `tar -xf` of the Django sdist sends through a mount (counted with
-per-handler counters in the daemon): a negative lookup, create, two writes each preceded by
-the kernel's `security.capability` probe, four setattrs (owner, mode, times, mode again), two
-getattrs, flush and release; a mkdir for every tenth file. It runs on a real store with the
+The mix per file is what a real program sends through a mount (counted with per-handler
+counters in the daemon). `--mix tar` (`tar -xf` of the Django sdist): a negative lookup,
+create, two writes each preceded by the kernel's `security.capability` probe, four setattrs
+(owner, mode, times, mode again), two getattrs, flush and release. `--mix clone` (the checkout
+of `git clone`): two negative lookups (the kernel revalidates a negative entry for O_EXCL),
+create, one probe and write, flush, release and two getattrs. Both make a directory for every
+tenth file. It runs on a real store with the
 daemon's group commit and mover, so it measures exactly the Python and SQLite work of our
 handlers, the part of a request the bare passthrough does not pay. It reports the trio
 thread's CPU time (`time.thread_time`), which other load on the machine disturbs less than
@@ -13,6 +17,7 @@ the wall clock.
 Examples:
   .venv/bin/python scripts/bench_handlers.py --files 3000
   .venv/bin/python scripts/bench_handlers.py --files 3000 --profile /tmp/handlers.prof
+  .venv/bin/python scripts/bench_handlers.py --files 3000 --mix clone --size 4890
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import ROOT_INODE
 from artifactfs.fuse.adapter import FuseOperations
+from artifactfs.fuse.daemon import tune_gc
 from artifactfs.store import Store, init_store
 
 CTX: Any = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
@@ -49,7 +55,7 @@ def fields(**set_: bool) -> Any:
     return SimpleNamespace(**{**NO_FIELDS, **set_})
 
 
-async def replay(ops: FuseOperations, files: int, size: int) -> None:
+async def replay(ops: FuseOperations, files: int, size: int, mix: str) -> None:
     async def mkdir(parent: int, name: bytes) -> int:
         e = await ops.mkdir(parent, name, 0o755, CTX)
         return int(e.st_ino)
@@ -64,10 +70,22 @@ async def replay(ops: FuseOperations, files: int, size: int) -> None:
         if i % 10 == 0:
             d = await mkdir(grid, b"d%d" % i)
         name = b"file-%d.py" % i
-        neg = await ops.lookup(d, name, CTX)
-        assert neg.st_ino == 0
+        for _ in range(2 if mix == "clone" else 1):
+            neg = await ops.lookup(d, name, CTX)
+            assert neg.st_ino == 0
         fi, attr = await ops.create(d, name, stat.S_IFREG | 0o644, os.O_WRONLY, CTX)
         fh, ino = fi.fh, attr.st_ino
+        if mix == "clone":
+            try:
+                await ops.getxattr(ino, b"security.capability", CTX)
+            except pyfuse3.FUSEError as exc:
+                assert exc.errno == errno.ENODATA
+            await ops.write(fh, 0, body)
+            await ops.flush(fh)
+            await ops.release(fh)
+            await ops.getattr(ino, CTX)
+            await ops.getattr(ino, CTX)
+            continue
         for off, piece in ((0, body[:half]), (half, body[half:])):
             try:
                 await ops.getxattr(ino, b"security.capability", CTX)
@@ -87,7 +105,7 @@ async def replay(ops: FuseOperations, files: int, size: int) -> None:
         await ops.getattr(ino, CTX)
 
 
-async def run(store_path: Path, files: int, size: int, profile: Path | None) -> float:
+async def run(store_path: Path, files: int, size: int, mix: str, profile: Path | None) -> float:
     init_store(store_path)
     store = Store(store_path)
     try:
@@ -99,11 +117,12 @@ async def run(store_path: Path, files: int, size: int, profile: Path | None) -> 
             store.index.defer_checkpoints()
             store.index.group_commit = True
             store.index.enable_redo()
+            tune_gc()  # as the daemon does before serving
             prof = cProfile.Profile() if profile else None
             t0 = time.thread_time()
             if prof:
                 prof.enable()
-            await replay(ops, files, size)
+            await replay(ops, files, size, mix)
             if prof:
                 prof.disable()
                 prof.dump_stats(profile)  # type: ignore[arg-type]
@@ -120,19 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=3000)
     p.add_argument("--size", type=int, default=6000, help="bytes per file")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--mix", choices=("tar", "clone"), default="tar", help="requests per file")
     p.add_argument("--profile", type=Path, help="write a cProfile of the last run here")
     a = p.parse_args(argv)
     best = []
     for rep in range(a.repeat):
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
             prof = a.profile if rep == a.repeat - 1 else None
-            t = trio.run(run, Path(tmp) / "store", a.files, a.size, prof)
+            t = trio.run(run, Path(tmp) / "store", a.files, a.size, a.mix, prof)
         best.append(t)
         print(f"run {rep + 1}: {t:.2f} s of trio-thread CPU, {t / a.files * 1e6:.0f} us per file",
               file=sys.stderr)
     m = min(best)
     print(f"best: {m / a.files * 1e6:.0f} us of trio-thread CPU per file "
-          f"({a.files} files, {a.size} bytes each)")
+          f"({a.files} files, {a.size} bytes each, {a.mix} mix)")
     return 0
 
 

@@ -7,6 +7,7 @@ in a child process and waits for the ready byte on `ready_fd`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -70,6 +71,22 @@ def fuse_options(settings: MountSettings) -> set[str]:
     for opt in settings.fuse_options:
         opts.add(opt)
     return opts
+
+
+# A young-generation collection after this many allocations (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Fewer and cheaper garbage collections on the request path. Every request allocates
+    some hundred objects and almost none form cycles, so young collections every 700
+    allocations mostly walk live objects. What start-up made (modules, the store, pyfuse3)
+    moves to the permanent generation, which no collection walks again. Measured with
+    callgrind on scripts/bench_handlers.py: 2.0% fewer instructions per file (clone mix),
+    1.8% (tar mix)."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
@@ -137,6 +154,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
                     nursery.start_soon(uploader.run)  # uploads, reconcile, index backups
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_announce_ready, settings, store, ready_fd)
+                tune_gc()
                 await pyfuse3.main(min_tasks=4, max_tasks=settings.max_tasks)
                 await fs.shutdown()  # commits everything, the group transaction included
                 if uploader is not None:
