@@ -22,6 +22,8 @@ from artifactfs.index import redo
 from artifactfs.index.db import Index, InodeRow
 
 D1 = bytes([1]) * 32
+# Change-feed kinds (the `changes` table in index/schema.py): a name in a directory, an inode.
+FEED_ENTRY, FEED_INODE = 0, 1
 
 
 class Boom(Exception):
@@ -35,6 +37,10 @@ def dump(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
         rows = sqlite3.Connection.execute(conn, f"SELECT * FROM {name}").fetchall()
         if name == "meta":  # the epoch moves with every commit that matters
             rows = [r for r in rows if r[0] != "redo_epoch"]
+        if name == "changes":  # a replay tells the mounts what it applied (tested below)
+            continue
+        if name == "sqlite_sequence":
+            rows = [r for r in rows if r[0] != "changes"]
         out[name] = sorted(rows, key=repr)
     return out
 
@@ -412,3 +418,99 @@ def test_a_log_replayed_by_a_live_process_is_applied_once_if_that_one_dies_too(
         assert logs(path) == []
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("applier", ["a live mount", "a new connection"])
+def test_what_a_replay_applies_is_in_the_change_feed_for_every_mount(
+    tmp_path: Path, applier: str
+) -> None:
+    """A dies with closes only in its log. Every mount may hold the old names, attributes
+    and pages of what A changed in its kernel cache, the one that applies the log included:
+    the replay records them in the feed as nobody's (origin NULL), never as the applier's
+    own, which its follower would skip."""
+    path = tmp_path / "index.sqlite3"
+    Index(path, create=True).close()
+    b = daemon_index(path)
+    with b.txn():
+        b_id = b.register_mount(os.getpid(), "/mnt/b", b.max_change_seq())
+        # A's registration outlives it, as a killed daemon's does until the next mount.
+        b.register_mount(2**22 + 1, "/mnt/a", 0)
+    b.publish_changes(b_id)
+    b.flush()
+    a, row = linked_twice(path)
+    crash(a)
+    if applier == "a live mount":
+        with b.txn():  # its next BEGIN applies A's log
+            pass
+        feed = b.changes_after(0, skip_origin=b_id)
+    else:
+        c = Index(path)
+        try:
+            feed = c.changes_after(0)
+        finally:
+            c.close()
+    got = {(kind, ino, name) for _, kind, ino, name in feed}
+    assert (FEED_ENTRY, 1, b"f") in got  # the name A made
+    assert (FEED_INODE, row.id, None) in got  # the link count A raised
+
+    def nobodys() -> int:
+        row = b.conn.execute("SELECT count(*) FROM changes WHERE origin IS NULL").fetchone()
+        return int(row[0])
+
+    # The replay's triggers are gone: B's own changes are tagged with its origin again.
+    before = nobodys()
+    with b.txn():
+        b.add_nlink(row.id, 1)
+    assert nobodys() == before
+    assert b.changes_after(0, skip_origin=b_id) == feed
+    b.close()
+
+
+def test_apply_dead_logs_applies_them_without_waiting_for_a_write(tmp_path: Path) -> None:
+    """A mount that only reads begins no transaction of its own: its change-feed follower
+    calls apply_dead_logs, which replays and commits what a dead daemon closed."""
+    path = tmp_path / "index.sqlite3"
+    Index(path, create=True).close()
+    b = daemon_index(path)
+    assert b.apply_dead_logs() is False  # nothing to apply: no transaction either
+    assert not b.conn.in_transaction
+    a, row = linked_twice(path)
+    crash(a)
+    assert b.apply_dead_logs() is True
+    assert not b.conn.in_transaction  # committed: other processes read it now
+    assert logs(path) == [next(p.name for p in redo.redo_dir(path).iterdir())]  # b's own
+    reader = Index(path)
+    try:
+        got = reader.get_inode(row.id)
+        assert got is not None and got.nlink == 2 and names(reader) == {b"f"}
+    finally:
+        reader.close()
+    assert b.apply_dead_logs() is False
+    b.close()
+
+
+def test_a_log_being_created_is_never_taken_for_a_dead_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new log is locked before it is named *.log: a scan for dead logs (any BEGIN, a
+    follower) made just before the creator takes its lock finds nothing to take."""
+    path = tmp_path / "index.sqlite3"
+    Index(path, create=True).close()
+    d = redo.redo_dir(path)
+    real_flock = redo.fcntl.flock
+    seen: list[str] = []
+
+    def flock(fd: int, op: int) -> None:
+        if op == redo.fcntl.LOCK_EX:  # the creator's lock: scan first, as a rival would
+            for dead in redo.dead_logs(d, None):
+                seen.append(dead.path.name)
+                dead.release()
+        real_flock(fd, op)
+
+    monkeypatch.setattr(redo.fcntl, "flock", flock)
+    made = redo.RedoLog(d)
+    monkeypatch.undo()
+    assert seen == []
+    assert redo.dead_logs(d, None) == []  # and it is locked now
+    assert made.path.exists() and made.path.suffix == ".log"
+    made.close()

@@ -144,6 +144,37 @@ def test_closes_kept_only_in_the_redo_log_survive_kill_9(mount_dirs: tuple[Path,
     assert list(redo_dir.iterdir()) == []  # a clean unmount leaves no log
 
 
+def test_a_live_mount_shows_at_once_what_a_killed_mount_closed(
+    mount_dirs: tuple[Path, Path],
+) -> None:
+    """Two mounts of one store. A closes files (only in its redo log: commits an hour apart)
+    and is killed. B, which only reads, applies A's log within a second or so, and drops
+    its kernel's cached pages and attributes of what changed: B caches them for 60 s here,
+    so a stale cache would show the old bytes for that long."""
+    store, mountpoint = mount_dirs
+    other = mountpoint.parent / "mnt-b"
+    other.mkdir()
+    old, new = b"old" * 3000, b"new" * 5000
+    with mounted(store, other, extra_args=["--attr-timeout", "60"]) as b:
+        wb = workspace(b.mountpoint)
+        (wb / "x").write_bytes(old)
+        assert (wb / "x").read_bytes() == old  # now in B's page cache (keep_cache)
+        with mounted(
+            store, mountpoint, init=False, extra_args=["--commit-interval", "3600"]
+        ) as a:
+            wa = a.mountpoint / "t" / "shared" / "ws"
+            assert (wa / "x").read_bytes() == old
+            (wa / "x").write_bytes(new)
+            (wa / "y").write_bytes(b"y")
+            crash(a)
+        deadline = time.monotonic() + 15
+        while (wb / "x").read_bytes() != new:
+            assert time.monotonic() < deadline, "B still shows x as it was before A's close"
+            time.sleep(0.1)
+        assert (wb / "y").read_bytes() == b"y"
+        assert os.stat(wb / "x").st_size == len(new)
+
+
 def test_metadata_survives_kill_9(mount_dirs: tuple[Path, Path]) -> None:
     store, mountpoint = mount_dirs
     with mounted(store, mountpoint) as first:

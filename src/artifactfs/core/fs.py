@@ -234,20 +234,21 @@ class FileSystem:
             stored = row.stored
         elif kind.is_dir:
             stored = 4096
+        # Positional: every reply builds one (readdir one per entry), and keywords cost more.
         return Attr(
-            ino=row.id,
-            mode=row.mode,
-            nlink=row.nlink,
-            uid=row.uid,
-            gid=row.gid,
-            rdev=row.rdev,
-            size=size,
-            atime_ns=row.atime_ns,
-            mtime_ns=mtime,
-            ctime_ns=ctime,
-            btime_ns=row.btime_ns,
-            stored=stored,
-            kind=kind,
+            row.id,
+            row.mode,
+            row.nlink,
+            row.uid,
+            row.gid,
+            row.rdev,
+            size,
+            row.atime_ns,
+            mtime,
+            ctime,
+            row.btime_ns,
+            stored,
+            kind,
         )
 
     def _place(self, row: InodeRow) -> Place:

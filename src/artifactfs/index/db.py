@@ -185,6 +185,20 @@ _SETTLE_INODE = (
 )
 
 
+# What the change feed records (kind 0: name in directory, kind 1: inode), per table event.
+_FEED_EVENTS = (
+    ("dentry_insert", "AFTER INSERT ON main.dentries", ["0, NEW.parent, NEW.name"]),
+    ("dentry_delete", "AFTER DELETE ON main.dentries", ["0, OLD.parent, OLD.name"]),
+    (
+        "dentry_update",
+        "AFTER UPDATE ON main.dentries",
+        ["0, OLD.parent, OLD.name", "0, NEW.parent, NEW.name"],
+    ),
+    ("inode_update", "AFTER UPDATE ON main.inodes", ["1, NEW.id, NULL"]),
+    ("xattr_insert", "AFTER INSERT ON main.xattrs", ["1, NEW.inode, NULL"]),
+    ("xattr_delete", "AFTER DELETE ON main.xattrs", ["1, OLD.inode, NULL"]),
+)
+
 # First words of the statements a redo log records (every other one only reads, or is
 # transaction control).
 _CHANGES = frozenset({"INSERT", "UPDATE", "DELETE"})
@@ -386,6 +400,18 @@ class Index:
                 return
         log.warning("a mount has not committed for %.0f s: reading without its last closes",
                     timeout)
+
+    def apply_dead_logs(self) -> bool:
+        """Apply (and commit) what daemons that died left in their redo logs, if any; True
+        if there were some. Otherwise that happens at this connection's next BEGIN, which
+        a mount that only reads may not make for a long time."""
+        if not redo.any_dead(self._redo_dir, self._redo):
+            return False
+        self.flush()  # the group transaction, if one is open: the next BEGIN replays
+        with self.txn():
+            pass
+        self.flush()
+        return True
 
     def enable_redo(self) -> None:
         """Closes append to a redo log instead of committing (the daemon; index/redo.py)."""
@@ -606,19 +632,27 @@ class Index:
                 dead.remove()  # committed before its owner died
                 continue
             mark = None if self.conn.redo is None else len(self.conn.redo)
-            self.conn.execute("SAVEPOINT replay")
+            # What the dead process changed goes into the change feed as nobody's (origin
+            # NULL), whoever applies it: every mount may have the old names, attributes and
+            # pages in its kernel cache, this process's own included (its follower skips only
+            # rows tagged with its own origin).
+            self._feed_triggers("replay", "NULL", "1")
             try:
-                for statements in batches:
-                    self.conn.run(statements)
-            except sqlite3.Error as exc:
-                self.conn.execute("ROLLBACK TO replay")
+                self.conn.execute("SAVEPOINT replay")
+                try:
+                    for statements in batches:
+                        self.conn.run(statements)
+                except sqlite3.Error as exc:
+                    self.conn.execute("ROLLBACK TO replay")
+                    self.conn.execute("RELEASE replay")
+                    if self.conn.redo is not None:
+                        del self.conn.redo[mark:]
+                    log.error("redo log %s does not apply (%s): set aside", dead.path, exc)
+                    self._set_aside(dead)
+                    continue
                 self.conn.execute("RELEASE replay")
-                if self.conn.redo is not None:
-                    del self.conn.redo[mark:]
-                log.error("redo log %s does not apply (%s): set aside", dead.path, exc)
-                self._set_aside(dead)
-                continue
-            self.conn.execute("RELEASE replay")
+            finally:
+                self._drop_feed_triggers("replay")
             n = sum(len(b) for b in batches)
             log.warning("applied %d statements a crashed daemon left in %s", n, dead.path.name)
             self._replayed.append(dead)
@@ -1016,12 +1050,12 @@ class Index:
     ) -> list[tuple[int, bytes, InodeRow]]:
         """(dentry id, name, inode) of `parent`'s children with dentry id > `after`."""
         rows = self.conn.execute(
-            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in INODE_COLUMNS.split(','))} "
+            f"SELECT d.id, d.name, {_I_COLUMNS} "
             "FROM dentries d JOIN inodes i ON i.id = d.inode "
             "WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
             (parent, after, limit),
         ).fetchall()
-        return [(r[0], bytes(r[1]), _inode(r[2:])) for r in rows]
+        return [(r[0], bytes(r[1]), InodeRow(*r[2:])) for r in rows]
 
     def has_children(self, parent: int) -> bool:
         return (
@@ -1556,27 +1590,26 @@ class Index:
         while other mounts of the store are registered (TEMP triggers: this connection
         only). The feed is what other daemons follow to drop their kernel caches."""
         origin = int(origin)
-        others = f"EXISTS (SELECT 1 FROM main.mounts WHERE id != {origin})"
+        self._feed_triggers(
+            "pub", str(origin), f"EXISTS (SELECT 1 FROM main.mounts WHERE id != {origin})"
+        )
+
+    def _feed_triggers(self, prefix: str, origin: str, when: str) -> None:
+        """(Re)create the TEMP triggers `<prefix>_*` that append this connection's changes
+        of names, attributes and extended attributes to the feed, tagged `origin` (SQL)."""
         now_ns = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1000000"
         insert = "INSERT INTO changes (time_ns, kind, ino, name, origin) VALUES"
-        for name, event, rows in (
-            ("pub_dentry_insert", "AFTER INSERT ON main.dentries", ["0, NEW.parent, NEW.name"]),
-            ("pub_dentry_delete", "AFTER DELETE ON main.dentries", ["0, OLD.parent, OLD.name"]),
-            (
-                "pub_dentry_update",
-                "AFTER UPDATE ON main.dentries",
-                ["0, OLD.parent, OLD.name", "0, NEW.parent, NEW.name"],
-            ),
-            ("pub_inode_update", "AFTER UPDATE ON main.inodes", ["1, NEW.id, NULL"]),
-            ("pub_xattr_insert", "AFTER INSERT ON main.xattrs", ["1, NEW.inode, NULL"]),
-            ("pub_xattr_delete", "AFTER DELETE ON main.xattrs", ["1, OLD.inode, NULL"]),
-        ):
+        for name, event, rows in _FEED_EVENTS:
             values = ", ".join(f"({now_ns}, {r}, {origin})" for r in rows)
-            self.conn.execute(f"DROP TRIGGER IF EXISTS temp.{name}")
+            self.conn.execute(f"DROP TRIGGER IF EXISTS temp.{prefix}_{name}")
             self.conn.execute(
-                f"CREATE TEMP TRIGGER {name} {event} WHEN {others} "
+                f"CREATE TEMP TRIGGER {prefix}_{name} {event} WHEN {when} "
                 f"BEGIN {insert} {values}; END"
             )
+
+    def _drop_feed_triggers(self, prefix: str) -> None:
+        for name, _, _ in _FEED_EVENTS:
+            self.conn.execute(f"DROP TRIGGER IF EXISTS temp.{prefix}_{name}")
 
     def register_mount(
         self, pid: int, mountpoint: str, seen_seq: int, credential: str | None = None

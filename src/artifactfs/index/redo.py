@@ -122,9 +122,13 @@ class RedoLog:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
+        creating = self.path.with_suffix(".new")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags, 0o600)
+        self.fd = os.open(creating, flags, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # released by the kernel when we die
+        # Named *.log only once locked: a scan for dead logs (every BEGIN, and each mount's
+        # follower every second) must never find this one free and remove it.
+        os.rename(creating, self.path)
         self.size = 0
 
     def append(self, epoch: int, statements: list[Statement]) -> None:
@@ -204,6 +208,15 @@ def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
             continue
         found.append(DeadLog(Path(entry.path), fd))
     return found
+
+
+def any_dead(directory: Path, own: RedoLog | None) -> bool:
+    """Whether a log in `directory` belongs to a process that died (its flock is free). Locks
+    nothing: whoever applies it finds it again (`dead_logs`) under the write lock."""
+    found = dead_logs(directory, own)
+    for dead in found:
+        dead.release()
+    return bool(found)
 
 
 def unsynced_bytes(path: Path) -> int:
