@@ -8,7 +8,10 @@ create, two writes each preceded by the kernel's `security.capability` probe, fo
 (owner, mode, times, mode again), two getattrs, flush and release. `--mix clone` (the checkout
 of `git clone`): two negative lookups (the kernel revalidates a negative entry for O_EXCL),
 create, one probe and write, flush, release and two getattrs. Both make a directory for every
-tenth file. It runs on a real store with the
+tenth file. `--mix readdir` fills one directory with `--files` files (not timed), then lists
+it 20 times as the adapter's readdir does for each entry (the core's page of entries, the
+reply's attributes, the lookup reference) without the kernel's `readdir_reply`, and reports
+the cost per listed entry. It runs on a real store with the
 daemon's group commit and mover, so it measures exactly the Python and SQLite work of our
 handlers, the part of a request the bare passthrough does not pay. It reports the trio
 thread's CPU time (`time.thread_time`), which other load on the machine disturbs less than
@@ -18,6 +21,7 @@ Examples:
   .venv/bin/python scripts/bench_handlers.py --files 3000
   .venv/bin/python scripts/bench_handlers.py --files 3000 --profile /tmp/handlers.prof
   .venv/bin/python scripts/bench_handlers.py --files 3000 --mix clone --size 4890
+  .venv/bin/python scripts/bench_handlers.py --files 1000 --mix readdir
 """
 
 from __future__ import annotations
@@ -105,6 +109,33 @@ async def replay(ops: FuseOperations, files: int, size: int, mix: str) -> None:
         await ops.getattr(ino, CTX)
 
 
+LISTINGS = 20  # --mix readdir: listings of the directory per run
+
+
+async def fill_directory(ops: FuseOperations, files: int, size: int) -> int:
+    d: int = ROOT_INODE
+    for name in (b"b", b"shared", b"ws", b"dir"):
+        d = int((await ops.mkdir(d, name, 0o755, CTX)).st_ino)
+    body = os.urandom(size)
+    for i in range(files):
+        fi, _ = await ops.create(d, b"file-%05d.py" % i, stat.S_IFREG | 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, body)
+        await ops.flush(fi.fh)
+        await ops.release(fi.fh)
+    return d
+
+
+async def list_directory(ops: FuseOperations, d: int, times: int) -> None:
+    fh = await ops.opendir(d, CTX)
+    for _ in range(times):
+        after = 0
+        while entries := await ops.fs.readdir(fh, after):
+            for ent in entries:
+                ops._entry(ent.attr)  # what readdir_reply is given for each entry
+                ops.fs.remember(ent.attr.ino)
+                after = ent.next_offset
+
+
 async def run(store_path: Path, files: int, size: int, mix: str, profile: Path | None) -> float:
     init_store(store_path)
     store = Store(store_path)
@@ -118,15 +149,21 @@ async def run(store_path: Path, files: int, size: int, mix: str, profile: Path |
             store.index.group_commit = True
             store.index.enable_redo()
             tune_gc()  # as the daemon does before serving
+            d = await fill_directory(ops, files, size) if mix == "readdir" else 0
             prof = cProfile.Profile() if profile else None
             t0 = time.thread_time()
             if prof:
                 prof.enable()
-            await replay(ops, files, size, mix)
+            if mix == "readdir":
+                await list_directory(ops, d, LISTINGS)
+            else:
+                await replay(ops, files, size, mix)
             if prof:
                 prof.disable()
                 prof.dump_stats(profile)  # type: ignore[arg-type]
             elapsed = time.thread_time() - t0
+            if mix == "readdir":
+                elapsed /= LISTINGS  # per file = per listed entry
             await fs.shutdown()
             nursery.cancel_scope.cancel()
         return elapsed
@@ -139,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=3000)
     p.add_argument("--size", type=int, default=6000, help="bytes per file")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--mix", choices=("tar", "clone"), default="tar", help="requests per file")
+    p.add_argument("--mix", choices=("tar", "clone", "readdir"), default="tar",
+                   help="requests per file")
     p.add_argument("--profile", type=Path, help="write a cProfile of the last run here")
     a = p.parse_args(argv)
     best = []
