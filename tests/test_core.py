@@ -24,7 +24,7 @@ from coreutil import (
     workspace,
 )
 
-from artifactfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
+from artifactfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, RETIRE_SLICE
 from artifactfs.core.nodes import ROOT_INODE, AttrChanges, Caller, NodeKind
 from artifactfs.errors import (
     BadHandle,
@@ -1614,3 +1614,30 @@ async def test_journal_is_emptied_once_blocks_are_stored(core: Core) -> None:
     core.store.index.flush()
     assert core.store.index.pending_blobs() == []
     assert core.store.backend.has(hashlib.sha256(b"tiny").digest())
+
+
+async def test_retiring_a_long_journal_lets_requests_in_between(core: Core) -> None:
+    """The journal rows of many small files go in slices, each committed, with the trio
+    thread free for requests between them, instead of one long step."""
+    files = RETIRE_SLICE * 3 + 5
+    for i in range(files):
+        await core.write_file(p(f"f{i}"), b"content %d\n" % i)
+    await core.io.drained()
+    between: list[int] = []
+    done = False
+
+    async def other_requests() -> None:
+        while not done:
+            between.append(len(core.store.index.pending_blobs()))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_requests)
+        await trio.lowlevel.checkpoint()
+        await core.fs.retire_journal()
+        done = True
+    assert core.store.index.pending_blobs() == []
+    # The other task ran while rows were left, and only ever saw whole slices gone.
+    partial = {n for n in between if 0 < n < files}
+    assert partial
+    assert partial <= {files - RETIRE_SLICE * k for k in (1, 2, 3)}
