@@ -1641,3 +1641,25 @@ async def test_retiring_a_long_journal_lets_requests_in_between(core: Core) -> N
     partial = {n for n in between if 0 < n < files}
     assert partial
     assert partial <= {files - RETIRE_SLICE * k for k in (1, 2, 3)}
+
+
+async def test_a_cancelled_retirement_leaves_the_rest_for_the_next_one(core: Core) -> None:
+    files = RETIRE_SLICE * 2 + 3
+    for i in range(files):
+        await core.write_file(p(f"f{i}"), b"content %d\n" % i)
+    await core.io.drained()
+
+    async def cancel_after_a_slice(scope: trio.CancelScope) -> None:
+        while len(core.store.index.pending_blobs()) == files:
+            await trio.lowlevel.checkpoint()
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            nursery.start_soon(cancel_after_a_slice, scope)
+            await core.fs.retire_journal()
+    left = len(core.store.index.pending_blobs())
+    assert 0 < left < files
+    await core.fs.retire_journal()
+    core.store.index.flush()
+    assert core.store.index.pending_blobs() == []

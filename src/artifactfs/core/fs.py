@@ -211,12 +211,18 @@ class FileSystem:
         rows, self._stored_journal = self._stored_journal, []
         if not rows:
             return
-        await self.io.sync()
-        for i in range(0, len(rows), RETIRE_SLICE):
-            with self.index.txn():
-                self.index.remove_pending_blobs(rows[i : i + RETIRE_SLICE])
-            self.index.flush()
-            await trio.lowlevel.checkpoint()
+        done = 0
+        try:
+            await self.io.sync()
+            while done < len(rows):
+                with self.index.txn():
+                    self.index.remove_pending_blobs(rows[done : done + RETIRE_SLICE])
+                done += RETIRE_SLICE
+                self.index.flush()
+                await trio.lowlevel.checkpoint()
+        finally:
+            # Cancelled or failed part-way: the rest is retired next time.
+            self._stored_journal[:0] = rows[done:]
 
     @property
     def nursery(self) -> trio.Nursery:
