@@ -454,8 +454,8 @@ def test_what_a_replay_applies_is_in_the_change_feed_for_every_mount(
     assert (FEED_INODE, row.id, None) in got  # the link count A raised
 
     def nobodys() -> int:
-        row = b.conn.execute("SELECT count(*) FROM changes WHERE origin IS NULL").fetchone()
-        return int(row[0])
+        count = b.conn.execute("SELECT count(*) FROM changes WHERE origin IS NULL").fetchone()
+        return int(count[0])
 
     # The replay's triggers are gone: B's own changes are tagged with its origin again.
     before = nobodys()

@@ -41,7 +41,14 @@ from artifactfs.core.names import (
 )
 from artifactfs.core.nodes import KINDS, ROOT_INODE, Attr, AttrChanges, Caller, FsStats, NodeKind
 from artifactfs.core.policy import ADMIN, Decision, Op, Place, View, decide
-from artifactfs.core.snapview import SnapView, VKind, decode_name, existing_name, is_virtual
+from artifactfs.core.snapview import (
+    VIRTUAL_BASE,
+    SnapView,
+    VKind,
+    decode_name,
+    existing_name,
+    is_virtual,
+)
 from artifactfs.errors import (
     AccessDenied,
     BadHandle,
@@ -461,8 +468,10 @@ class FileSystem:
 
     def volatile(self, ino: int) -> bool:
         """Whether the kernel should not cache this node's entry and attributes: a virtual
-        node standing for checkpoints another process may take or delete at any time."""
-        return is_virtual(ino) and self.snap.volatile(ino)
+        node standing for checkpoints another process may take or delete at any time.
+        Asked for every reply's attributes (readdir: every entry), so the common answer for
+        a real inode is one comparison, not a call."""
+        return ino >= VIRTUAL_BASE and self.snap.volatile(ino)
 
     def _snap_visible(self, ino: int) -> None:
         """A virtual node is visible when the namespace (or scope) it belongs to is."""

@@ -18,7 +18,6 @@ import pyfuse3
 
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import Attr, AttrChanges, Caller
-from artifactfs.core.snapview import VIRTUAL_BASE
 from artifactfs.errors import FsError, NotFound
 from artifactfs.fuse.errno_map import errno_for
 
@@ -85,7 +84,7 @@ class FuseOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        if a.ino >= VIRTUAL_BASE and self.fs.volatile(a.ino):
+        if self.fs.volatile(a.ino):
             # A checkpoint (or a listing of them) that another process may take or delete:
             # the kernel asks again each time instead of caching the name or the attributes.
             e.entry_timeout = e.attr_timeout = 0

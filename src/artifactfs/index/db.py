@@ -1055,7 +1055,7 @@ class Index:
             "WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
             (parent, after, limit),
         ).fetchall()
-        return [(r[0], bytes(r[1]), InodeRow(*r[2:])) for r in rows]
+        return [(r[0], bytes(r[1]), _inode(r[2:])) for r in rows]
 
     def has_children(self, parent: int) -> bool:
         return (
