@@ -11,6 +11,7 @@ import random
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -1316,6 +1317,97 @@ async def test_sha256_sequential_big_blocks(tmp_path: Path, size: int) -> None:
         await workspace(c, WS)
         await c.write_file(p("f"), data)
         assert await c.sha256_xattr(p("f")) == hashlib.sha256(data).hexdigest()
+
+
+def hold_hashing(c: Core, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Whole-file hash steps wait for the returned event (as when hashing lags behind the
+    writes); recomputing a digest from stored blocks fails the test."""
+    gate = trio.Event()
+    update = c.io.hash_update
+
+    async def held(hasher: Any, data: bytes) -> None:
+        await gate.wait()
+        await update(hasher, data)
+
+    def recomputed(*_: object) -> bytes:
+        raise AssertionError("the digest was computed again from the stored blocks")
+
+    monkeypatch.setattr(c.io, "hash_update", held)
+    monkeypatch.setattr(c.io, "hash_content", recomputed)
+    return gate
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["plain", "group"])
+async def test_close_and_fsync_do_not_wait_for_the_whole_file_digest(
+    tmp_path: Path, group: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest of a large write is recorded when its hashing ends, after the close; a
+    getfattr meanwhile waits for that hashing instead of reading the file again."""
+    data = pattern(4 * BIG_BLOCK + 7)
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK, group_commit=group) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        try:
+            with trio.fail_after(10):
+                fh = await c.create(p("f"))
+                try:
+                    await c.write_all(fh, 0, data)
+                    await c.fs.fsync(fh, False)
+                    await c.fs.flush(fh)
+                finally:
+                    await c.fs.release(fh)
+        except trio.TooSlowError:
+            gate.set()  # so that the store can close
+            raise
+        ino = await c.resolve(p("f"))
+        row = c.store.index.get_inode(ino)
+        assert row is not None and row.sha256 is None and row.size == len(data)
+        got: list[str] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: _append_xattr(c, got))
+            await trio.sleep(0.05)
+            assert not got  # waiting for the hashing
+            gate.set()
+        assert got == [hashlib.sha256(data).hexdigest()]
+        row = c.store.index.get_inode(ino)
+        assert row is not None and row.sha256 == hashlib.sha256(data).digest()
+
+
+async def _append_xattr(c: Core, out: list[str]) -> None:
+    out.append(await c.sha256_xattr(p("f")))
+
+
+async def test_digest_hashed_late_is_not_kept_for_content_replaced_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content A closed while its hashing lags, then replaced by B of the same size through
+    another open: A's digest must not be recorded for B."""
+    a, b = pattern(3 * BIG_BLOCK, seed=1), pattern(3 * BIG_BLOCK, seed=2)
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        await c.write_file(p("f"), a)
+        await c.write_file(p("f"), b)  # overwrites from 0: no running digest for B
+        monkeypatch.undo()  # B's digest is computed from its blocks
+        gate.set()
+        await c.fs.digests_settled()
+        assert await c.sha256_xattr(p("f")) == hashlib.sha256(b).hexdigest()
+        assert await c.read_file(p("f")) == b
+
+
+async def test_digest_recorded_late_survives_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = pattern(2 * BIG_BLOCK + 3)
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        await c.write_file(p("f"), data)
+        gate.set()
+        await c.fs.digests_settled()
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        row = c.store.index.get_inode(await c.resolve(p("f")))
+        assert row is not None and row.sha256 == hashlib.sha256(data).digest()
 
 
 # ---- ownership, statfs ----------------------------------------------------------------------

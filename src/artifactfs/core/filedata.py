@@ -107,6 +107,9 @@ class FileData:
         self.hash_pos = 0
         self._hash_tail = trio.Event()
         self._hash_tail.set()
+        # A commit went without the digest while hashing still ran: the last hash step
+        # records it (see _hashed), so a close or fsync never waits for the hash.
+        self._digest_due = False
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -283,6 +286,38 @@ class FileData:
                 await self.io.hash_update(hasher, chunk)
         finally:
             done.set()
+        if done is self._hash_tail:
+            self._hashed()
+
+    @property
+    def hashing(self) -> bool:
+        """The whole-file digest is being computed as the file is written."""
+        return self.hasher is not None and not self._hash_tail.is_set()
+
+    async def wait_hashed(self) -> None:
+        while not self._hash_tail.is_set():
+            await self._hash_tail.wait()
+
+    def _hashed(self) -> None:
+        """The last hash step is done: record the digest a commit went without, if the index
+        still holds exactly the content hashed (otherwise the next commit takes it)."""
+        if not self._digest_due or self.hasher is None or self.hash_pos != self.size:
+            return
+        if not self.clean:
+            return
+        self._digest_due = False
+        try:
+            # The content is its size and block map: after a release, another handle may
+            # have committed other content meanwhile (a `touch` of the times changes none).
+            row = self.index.get_inode(self.ino)
+            if row is None or row.sha256 is not None or row.size != self.size:
+                return
+            if self.index.block_map(self.ino) != self.committed:
+                return
+            with self.index.txn():
+                self.index.set_sha256(self.ino, self.hasher.copy().digest())
+        except Exception as exc:  # computed again on demand (file_digest)
+            log.warning("digest of inode %d not recorded: %s", self.ino, exc)
 
     async def _store(self, idx: int, version: int, data: bytes) -> None:
         try:
@@ -356,8 +391,6 @@ class FileData:
             self.seal_all()
             while self.pending:
                 await self._idle.wait()
-            if not self._hash_tail.is_set():
-                await self._hash_tail.wait()
             if self.error is not None:
                 exc, self.error = self.error, None
                 if isinstance(exc, FsError):
@@ -370,25 +403,22 @@ class FileData:
             if self.changed or self.staged or self.drop_from is not None:
                 sha = None
                 if self.hasher is not None and self.hash_pos == self.size:
-                    sha = self.hasher.copy().digest()
+                    if self._hash_tail.is_set():
+                        sha = self.hasher.copy().digest()
+                    else:
+                        # Hashing a large write takes as long as storing it: the digest is
+                        # recorded once the last step is done (_hashed), meanwhile NULL.
+                        self._digest_due = True
                 staged = self.staged
                 with self.index.txn():
                     if self.drop_from is not None:
                         self.index.drop_blocks_from(self.ino, self.drop_from)
-                    self.index.set_blocks(
-                        self.ino, ((i, None if v is None else v[0]) for i, v in staged.items())
-                    )
-                    self.index.record_blobs(
-                        (v for v in staged.values() if v is not None), time.time_ns()
-                    )
                     # Blocks still waiting for the mover are journalled in this commit, so a
                     # crash cannot lose what was closed.
-                    pending = self.io.pending
-                    self.index.add_pending_blobs(
-                        (v[0], pending[v[0]])
-                        for v in staged.values()
-                        if v is not None and v[0] in pending
-                    )
+                    if staged:
+                        self.index.commit_blocks(
+                            self.ino, staged, self.io.pending, time.time_ns()
+                        )
                     self.index.update_file_state(
                         self.ino,
                         self.size,
@@ -444,7 +474,6 @@ class FileData:
                 or self.error is not None
                 or self.lock.locked()
             )
-            and self._hash_tail.is_set()
         )
 
 

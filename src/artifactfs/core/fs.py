@@ -113,6 +113,9 @@ class FileSystem:
         self.bs = io.block_size
         self.lookups: dict[int, int] = {}
         self.files: dict[int, FileData] = {}
+        # Released files whose whole-file digest is still being computed (FileData._hashed
+        # records it): a getfattr or checkpoint waits for it instead of hashing again.
+        self.hashing: dict[int, FileData] = {}
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
@@ -150,6 +153,7 @@ class FileSystem:
         """Commit every open file and store every journalled block (unmount, daemon stop)."""
         for data in list(self.files.values()):
             await data.commit()
+        await self.digests_settled()
         await self.io.drained()
         await self.retire_journal()
         self.index.flush()
@@ -499,6 +503,7 @@ class FileSystem:
         """`mkdir <ns>/.snapshots/NAME` (want SNAPSHOTS) or a create in
         `<scope>/.snapshots/<blob>/` (want BLOB): take a checkpoint named NAME."""
         ns = self._snap_namespace(parent, want)
+        await self.digests_settled()
         ck = await self.checkpoints.create(ns, decode_name(name), creator=f"uid:{caller.uid}")
         m = await self.snap.manifest_of(ck)
         attr = self.snap.added(parent, ck, m)
@@ -1176,10 +1181,23 @@ class FileSystem:
             if data.users == 0:
                 self.files.pop(data.ino, None)
                 row = self.index.get_inode(data.ino)
-                if row is not None and row.nlink > 0 and row.sha256 is None:
+                if data.hashing:
+                    self.hashing[data.ino] = data
+                    self.nursery.start_soon(self._forget_when_hashed, data)
+                elif row is not None and row.nlink > 0 and row.sha256 is None:
                     self.nursery.start_soon(self._digest_later, data.ino)
                 elif row is not None and row.nlink == 0:
                     self._reap(data.ino)
+
+    async def _forget_when_hashed(self, data: FileData) -> None:
+        await data.wait_hashed()
+        if self.hashing.get(data.ino) is data:
+            del self.hashing[data.ino]
+
+    async def digests_settled(self) -> None:
+        """Wait until every whole-file digest being computed is recorded."""
+        for data in [*self.files.values(), *self.hashing.values()]:
+            await data.wait_hashed()
 
     async def _digest_later(self, ino: int) -> None:
         try:
@@ -1192,9 +1210,11 @@ class FileSystem:
         row = self._row(ino)
         if KINDS[row.kind] is not NodeKind.FILE:
             raise NoData()
-        data = self.files.get(ino)
-        if data is not None and not data.clean:
-            await data.commit()
+        data = self.files.get(ino) or self.hashing.get(ino)
+        if data is not None:
+            if not data.clean:
+                await data.commit()
+            await data.wait_hashed()  # records the digest of what it hashed
             row = self._row(ino)
         if row.sha256 is not None:
             return row.sha256
