@@ -1395,6 +1395,30 @@ async def test_digest_hashed_late_is_not_kept_for_content_replaced_meanwhile(
         assert await c.read_file(p("f")) == b
 
 
+async def test_file_removed_while_hashing_is_reaped_at_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        try:
+            fh = await c.create(p("f"))
+            ino = await c.resolve(p("f"))
+            try:
+                await c.write_all(fh, 0, pattern(3 * BIG_BLOCK))
+                await c.fs.unlink(await c.resolve(WS), b"f", CALLER)
+                # No name and no lookup reference left (as through the Python API): the
+                # release is the last use of the inode.
+                c.fs.forget([(ino, c.fs.lookups[ino])])
+            finally:
+                await c.fs.release(fh)
+            assert c.store.index.get_inode(ino) is None
+        finally:
+            gate.set()
+        await c.fs.digests_settled()
+        assert c.store.index.get_inode(ino) is None
+
+
 async def test_digest_recorded_late_survives_reopen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1181,13 +1181,13 @@ class FileSystem:
             if data.users == 0:
                 self.files.pop(data.ino, None)
                 row = self.index.get_inode(data.ino)
-                if data.hashing:
+                if row is not None and row.nlink == 0:
+                    self._reap(data.ino)  # a hash still running then records nothing
+                elif data.hashing:
                     self.hashing[data.ino] = data
                     self.nursery.start_soon(self._forget_when_hashed, data)
-                elif row is not None and row.nlink > 0 and row.sha256 is None:
+                elif row is not None and row.sha256 is None:
                     self.nursery.start_soon(self._digest_later, data.ino)
-                elif row is not None and row.nlink == 0:
-                    self._reap(data.ino)
 
     async def _forget_when_hashed(self, data: FileData) -> None:
         await data.wait_hashed()
