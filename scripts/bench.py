@@ -411,15 +411,20 @@ def prepare_repo(files: int, commits: int) -> Path:
 
 
 def seq_write(path: Path, size: int) -> float:
-    buf = memoryview(os.urandom(MiB))
+    # Every MiB a different window of one random pool: no two blocks of the file are equal,
+    # so a deduplicating store (artifactfs) stores and later reads every byte, as with real
+    # data. (One buffer written again and again made artifactfs store a single block.)
+    pool = memoryview(os.urandom(MiB + 4096))
 
     def go() -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            left = size
+            left, i = size, 0
             while left:
-                n = os.write(fd, buf[: min(MiB, left)])
+                shift = i % 4096
+                n = os.write(fd, pool[shift : shift + min(MiB, left)])
                 left -= n
+                i += 1
             os.fsync(fd)
         finally:
             os.close(fd)

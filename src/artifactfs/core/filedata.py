@@ -405,6 +405,7 @@ class FileData:
                 if self.hasher is not None and self.hash_pos == self.size:
                     if self._hash_tail.is_set():
                         sha = self.hasher.copy().digest()
+                        self._digest_due = False
                     else:
                         # Hashing a large write takes as long as storing it: the digest is
                         # recorded once the last step is done (_hashed), meanwhile NULL.

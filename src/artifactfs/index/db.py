@@ -185,6 +185,12 @@ _SETTLE_INODE = (
 )
 
 
+_PUT_BLOCK = "INSERT OR REPLACE INTO blocks (inode, idx, digest) VALUES (?, ?, ?)"
+_ADD_BLOB = (
+    "INSERT OR IGNORE INTO blobs (digest, size, created_ns, uploaded) VALUES (?, ?, ?, ?)"
+)
+_ADD_PENDING = "INSERT OR IGNORE INTO pending_blobs (digest, data) VALUES (?, ?)"
+
 # What the change feed records (kind 0: name in directory, kind 1: inode), per table event.
 _FEED_EVENTS = (
     ("dentry_insert", "AFTER INSERT ON main.dentries", ["0, NEW.parent, NEW.name"]),
@@ -1234,10 +1240,7 @@ class Index:
             if digest is None:
                 self.conn.execute("DELETE FROM blocks WHERE inode = ? AND idx = ?", (ino, idx))
             else:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO blocks (inode, idx, digest) VALUES (?, ?, ?)",
-                    (ino, idx, digest),
-                )
+                self.conn.execute(_PUT_BLOCK, (ino, idx, digest))
 
     def commit_blocks(
         self,
@@ -1258,21 +1261,11 @@ class Index:
                 conn.execute("DELETE FROM blocks WHERE inode = ? AND idx = ?", (ino, idx))
                 return
             digest, size = v
-            conn.execute(
-                "INSERT OR REPLACE INTO blocks (inode, idx, digest) VALUES (?, ?, ?)",
-                (ino, idx, digest),
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO blobs (digest, size, created_ns, uploaded) "
-                "VALUES (?, ?, ?, ?)",
-                (digest, size, time_ns, 0 if self.remote else 1),
-            )
+            conn.execute(_PUT_BLOCK, (ino, idx, digest))
+            conn.execute(_ADD_BLOB, (digest, size, time_ns, 0 if self.remote else 1))
             data = pending.get(digest)
             if data is not None:
-                conn.execute(
-                    "INSERT OR IGNORE INTO pending_blobs (digest, data) VALUES (?, ?)",
-                    (digest, data),
-                )
+                conn.execute(_ADD_PENDING, (digest, data))
             return
         self.set_blocks(ino, ((i, None if v is None else v[0]) for i, v in staged.items()))
         new = [v for v in staged.values() if v is not None]
@@ -1292,15 +1285,10 @@ class Index:
     def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
         # A remote store's new blobs are only in the local cache: uploaded = 0 queues them.
         up = 0 if self.remote else 1
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO blobs (digest, size, created_ns, uploaded) VALUES (?, ?, ?, ?)",
-            ((d, s, time_ns, up) for d, s in blobs),
-        )
+        self.conn.executemany(_ADD_BLOB, ((d, s, time_ns, up) for d, s in blobs))
 
     def add_pending_blobs(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO pending_blobs (digest, data) VALUES (?, ?)", blobs
-        )
+        self.conn.executemany(_ADD_PENDING, blobs)
 
     def remove_pending_blobs(self, digests: Iterable[bytes]) -> None:
         self.conn.executemany("DELETE FROM pending_blobs WHERE digest = ?", ((d,) for d in digests))
