@@ -3,8 +3,11 @@ disk-full handling, descriptor cache, several processes on one tree)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -386,3 +389,61 @@ def test_dedup_put_refreshes_mtime_and_guarded_delete(tmp_path: Path) -> None:
     assert not b.has(d)
     assert not b.delete_if_older(d, cutoff)
     b.close()
+
+
+# ---- read-ahead -------------------------------------------------------------------------------
+
+
+def _cached(path: Path, size: int) -> bool:
+    """Whether all of `path` is in the page cache (mincore(2); a read to find out would
+    itself start a read-ahead)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), "mmap failed"
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, "mincore failed"
+            return all(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_reads_blob_files_ahead(local: LocalBackend) -> None:
+    """A sequential reader's next blocks are brought into the page cache in the background,
+    and their descriptors are cached for the reads that follow."""
+    blobs = [blob(f"ahead-{i}", 256 * 1024) for i in range(3)]
+    for d, data in blobs:
+        local.put(d, data)
+    paths = [local.path_of(d) for d, _ in blobs]
+    for path in paths:
+        _evict(path)  # written with fsync: clean pages, dropped
+    if any(_cached(path, 256 * 1024) for path in paths):
+        pytest.skip("this filesystem keeps file contents cached (tmpfs?)")
+    missing = hashlib.sha256(b"no such blob").digest()
+    assert local.prefetch([d for d, _ in blobs] + [missing]) == 4
+    deadline = time.monotonic() + 10
+    while not all(_cached(path, 256 * 1024) for path in paths):
+        assert time.monotonic() < deadline, "the blobs were not read ahead"
+        time.sleep(0.01)
+    assert all(d in local._fds for d, _ in blobs)
+    assert local.read(blobs[1][0], 10, 5) == blobs[1][1][10:15]
+    local.close()  # waits for the read-ahead threads; the backend stays usable
+    assert local.get(blobs[0][0]) == blobs[0][1]

@@ -22,12 +22,14 @@ import ctypes.util
 import errno
 import hashlib
 import itertools
+import logging
 import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from artifactfs.blobs.backend import digest_hex
@@ -44,9 +46,13 @@ _SYNC_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EINVAL})
 # Puts of the same digest in this process serialise on one of these, so exactly one of them
 # writes and returns True; different digests rarely share a stripe.
 _PUT_STRIPES = 256
+# Blob files being read ahead at most at once (a few readers' next PREFETCH_BLOCKS each).
+_READAHEAD_MAX = 16
 # Blobs are immutable: make them read-only so nothing rewrites one by accident.
 _BLOB_MODE = 0o444
 _DIR_MODE = 0o755
+
+log = logging.getLogger(__name__)
 
 
 class _CachedFd:
@@ -103,6 +109,9 @@ class LocalBackend:
         self._used = 0
         self._adjusted = 0
         self._unsynced = 0  # puts not yet made durable by sync() (durable=False only)
+        # Read-ahead of blob files (prefetch): made on first use, gone at close().
+        self._readahead: ThreadPoolExecutor | None = None
+        self._reading_ahead: set[bytes] = set()
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -279,6 +288,39 @@ class LocalBackend:
             raise StorageError(f"cannot read blob {hexd}: {_describe(exc)}") from exc
         finally:
             self._release(entry)
+
+    def prefetch(self, digests: Iterable[bytes]) -> int:
+        """Sequential read-ahead across blob files: open the next blocks of a file being read
+        in order and have the kernel read them in (POSIX_FADV_WILLNEED), in a background
+        thread, so that the reads that follow find them in the page cache. Each blob file is
+        read ahead on its own by the kernel, but not the next one; cold, every block cost its
+        directory lookups and disk reads one after the other. Returns how many it started;
+        errors are only logged (the read reports them)."""
+        started = 0
+        for digest in digests:
+            with self._lock:
+                if digest in self._reading_ahead or len(self._reading_ahead) >= _READAHEAD_MAX:
+                    continue
+                self._reading_ahead.add(digest)
+                if self._readahead is None:
+                    self._readahead = ThreadPoolExecutor(2, thread_name_prefix="readahead")
+                pool = self._readahead
+            pool.submit(self._read_ahead, digest)
+            started += 1
+        return started
+
+    def _read_ahead(self, digest: bytes) -> None:
+        try:
+            entry = self._acquire(digest, self._hex(digest))
+            try:
+                os.posix_fadvise(entry.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                self._release(entry)
+        except Exception as exc:
+            log.debug("read-ahead of blob %s failed: %s", digest_hex(digest), exc)
+        finally:
+            with self._lock:
+                self._reading_ahead.discard(digest)
 
     def _acquire(self, digest: bytes, hexd: str) -> _CachedFd:
         with self._lock:
@@ -500,6 +542,9 @@ class LocalBackend:
             self._fds.clear()
             for entry in entries:
                 self._drop_locked(entry)
+            pool, self._readahead = self._readahead, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _describe(exc: OSError) -> str:

@@ -159,8 +159,8 @@ class FileData:
         return b"".join(p for p in parts if p is not None)
 
     def _prefetch(self, first: int) -> None:
-        """A sequential reader: ask a remote store's cache to fetch the next blocks in the
-        background (a local backend has no `prefetch`)."""
+        """A sequential reader: have the backend bring the next blocks in, in the background
+        (a remote store's cache fetches them, a local store has the kernel read them ahead)."""
         prefetch = getattr(self.io.backend, "prefetch", None)
         if prefetch is None:
             return
