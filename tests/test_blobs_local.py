@@ -444,6 +444,7 @@ def test_prefetch_reads_blob_files_ahead(local: LocalBackend) -> None:
         assert time.monotonic() < deadline, "the blobs were not read ahead"
         time.sleep(0.01)
     assert all(d in local._fds for d, _ in blobs)
+    assert local.prefetch([d for d, _ in blobs]) == 0  # each reader request names them again
     assert local.read(blobs[1][0], 10, 5) == blobs[1][1][10:15]
     local.close()  # waits for the read-ahead threads; the backend stays usable
     assert local.get(blobs[0][0]) == blobs[0][1]

@@ -48,6 +48,7 @@ _SYNC_UNSUPPORTED = frozenset({errno.ENOTSUP, errno.EINVAL})
 _PUT_STRIPES = 256
 # Blob files being read ahead at most at once (a few readers' next PREFETCH_BLOCKS each).
 _READAHEAD_MAX = 16
+_READAHEAD_RECENT = 256
 # Blobs are immutable: make them read-only so nothing rewrites one by accident.
 _BLOB_MODE = 0o444
 _DIR_MODE = 0o755
@@ -112,6 +113,8 @@ class LocalBackend:
         # Read-ahead of blob files (prefetch): made on first use, gone at close().
         self._readahead: ThreadPoolExecutor | None = None
         self._reading_ahead: set[bytes] = set()
+        # The last blobs read ahead: a reader names each next block at every read request.
+        self._read_ahead_recently: OrderedDict[bytes, None] = OrderedDict()
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -299,13 +302,25 @@ class LocalBackend:
         started = 0
         for digest in digests:
             with self._lock:
-                if digest in self._reading_ahead or len(self._reading_ahead) >= _READAHEAD_MAX:
+                if (
+                    digest in self._reading_ahead
+                    or digest in self._read_ahead_recently
+                    or len(self._reading_ahead) >= _READAHEAD_MAX
+                ):
                     continue
                 self._reading_ahead.add(digest)
+                self._read_ahead_recently[digest] = None
+                if len(self._read_ahead_recently) > _READAHEAD_RECENT:
+                    self._read_ahead_recently.popitem(last=False)
                 if self._readahead is None:
                     self._readahead = ThreadPoolExecutor(2, thread_name_prefix="readahead")
                 pool = self._readahead
-            pool.submit(self._read_ahead, digest)
+            try:
+                pool.submit(self._read_ahead, digest)
+            except RuntimeError:  # close() shut the pool down meanwhile
+                with self._lock:
+                    self._reading_ahead.discard(digest)
+                break
             started += 1
         return started
 
@@ -543,6 +558,7 @@ class LocalBackend:
             for entry in entries:
                 self._drop_locked(entry)
             pool, self._readahead = self._readahead, None
+            self._read_ahead_recently.clear()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
