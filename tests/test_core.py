@@ -1364,7 +1364,7 @@ async def test_close_and_fsync_do_not_wait_for_the_whole_file_digest(
         assert row is not None and row.sha256 is None and row.size == len(data)
         got: list[str] = []
         async with trio.open_nursery() as n:
-            n.start_soon(lambda: _append_xattr(c, got))
+            n.start_soon(_append_xattr, c, got)
             await trio.sleep(0.05)
             assert not got  # waiting for the hashing
             gate.set()
@@ -1419,7 +1419,7 @@ async def test_file_removed_while_hashing_is_reaped_at_release(
         assert c.store.index.get_inode(ino) is None
 
 
-async def test_digest_recorded_late_survives_reopen(
+async def test_digest_recorded_late_survives_remount(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = pattern(2 * BIG_BLOCK + 3)
