@@ -1257,8 +1257,8 @@ class Index:
         conn = self.conn
         if len(staged) == 1:
             ((idx, v),) = staged.items()
-            if v is None:
-                conn.execute("DELETE FROM blocks WHERE inode = ? AND idx = ?", (ino, idx))
+            if v is None:  # a hole
+                self.set_blocks(ino, ((idx, None),))
                 return
             digest, size = v
             conn.execute(_PUT_BLOCK, (ino, idx, digest))
