@@ -1419,6 +1419,37 @@ async def test_file_removed_while_hashing_is_reaped_at_release(
         assert c.store.index.get_inode(ino) is None
 
 
+async def test_checkpoint_waits_for_the_digests_being_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint taken while a closed file is still being hashed waits for that hashing
+    (its manifest names the digest) instead of reading the file back to hash it again."""
+    data = pattern(3 * BIG_BLOCK + 5)
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        ws = await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        await c.write_file(p("f"), data)
+        ns = c.store.index.namespace_by_root(ws)
+        assert ns is not None
+        taken: list[object] = []
+
+        async def take() -> None:
+            taken.append(await c.fs.checkpoint(ns, "step-1", creator="test"))
+
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    n.start_soon(take)
+                    await trio.sleep(0.05)
+                    assert not taken  # waiting for the hashing (recomputing would fail)
+                    gate.set()
+        finally:
+            gate.set()  # so that the store can close whatever failed
+        assert len(taken) == 1
+        row = c.store.index.get_inode(await c.resolve(p("f")))
+        assert row is not None and row.sha256 == hashlib.sha256(data).digest()
+
+
 async def test_digest_recorded_late_survives_remount(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -340,8 +340,7 @@ class _Engine:
 
     async def checkpoint_create(self, path: str, name: str) -> CheckpointInfo:
         ns = await self.namespace(path, write=True)
-        await self.fs.digests_settled()
-        row = await self.fs.checkpoints.create(ns, name, creator=self._actor())
+        row = await self.fs.checkpoint(ns, name, creator=self._actor())
         return _info(row)
 
     async def checkpoint_list(self, path: str) -> list[CheckpointInfo]:

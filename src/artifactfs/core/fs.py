@@ -69,7 +69,7 @@ from artifactfs.errors import (
     OutOfRange,
     ReadOnly,
 )
-from artifactfs.index.db import Index, InodeRow, NamespaceRow
+from artifactfs.index.db import CheckpointRow, Index, InodeRow, NamespaceRow
 
 log = logging.getLogger(__name__)
 
@@ -503,8 +503,7 @@ class FileSystem:
         """`mkdir <ns>/.snapshots/NAME` (want SNAPSHOTS) or a create in
         `<scope>/.snapshots/<blob>/` (want BLOB): take a checkpoint named NAME."""
         ns = self._snap_namespace(parent, want)
-        await self.digests_settled()
-        ck = await self.checkpoints.create(ns, decode_name(name), creator=f"uid:{caller.uid}")
+        ck = await self.checkpoint(ns, decode_name(name), creator=f"uid:{caller.uid}")
         m = await self.snap.manifest_of(ck)
         attr = self.snap.added(parent, ck, m)
         self.remember(attr.ino)
@@ -1193,6 +1192,13 @@ class FileSystem:
         await data.wait_hashed()
         if self.hashing.get(data.ino) is data:
             del self.hashing[data.ino]
+
+    async def checkpoint(self, ns: NamespaceRow, name: str, creator: str) -> CheckpointRow:
+        """Take checkpoint `name` of `ns` once the whole-file digests being computed are
+        recorded: a manifest names every file's digest, and one still hashing would
+        otherwise be read back and hashed again."""
+        await self.digests_settled()
+        return await self.checkpoints.create(ns, name, creator=creator)
 
     async def digests_settled(self) -> None:
         """Wait until every whole-file digest being computed is recorded."""
