@@ -514,3 +514,27 @@ def test_a_log_being_created_is_never_taken_for_a_dead_one(
     assert redo.dead_logs(d, None) == []  # and it is locked now
     assert made.path.exists() and made.path.suffix == ".log"
     made.close()
+
+
+def test_a_creation_cut_short_is_removed_by_the_next_log(tmp_path: Path) -> None:
+    """A process that died between creating its log and renaming it left an empty *.new:
+    the next process that makes a log removes it, unless it is recent or still locked
+    (its creator may be just about to lock and rename it)."""
+    d = tmp_path / "redo"
+    d.mkdir()
+    old = d / "111-deadbeef.new"
+    recent = d / "222-cafebabe.new"
+    held = d / "333-feedface.new"
+    for f in (old, recent, held):
+        f.touch()
+    for f in (old, held):
+        os.utime(f, (1, 1))  # long ago
+    holder = os.open(held, os.O_RDONLY)
+    try:
+        redo.fcntl.flock(holder, redo.fcntl.LOCK_EX)
+        made = redo.RedoLog(d)
+        assert not old.exists()
+        assert recent.exists() and held.exists()
+        made.close()
+    finally:
+        os.close(holder)

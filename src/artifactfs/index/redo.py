@@ -40,6 +40,7 @@ import marshal
 import os
 import secrets
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<IIQ")
 _EPOCH = struct.Struct("<Q")
 _MARSHAL_VERSION = 4  # readable by every Python since 3.4
+# A `*.new` log older than this and unlocked was left by a process that died creating it.
+CREATION_GRACE = 60.0
 
 # A recorded statement: (many, sql, params); params is one row, or a list of rows if many.
 Statement = tuple[bool, str, Any]
@@ -121,6 +124,7 @@ class RedoLog:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
+        remove_cut_creations(directory)
         self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
         creating = self.path.with_suffix(".new")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
@@ -178,6 +182,38 @@ class DeadLog:
     def release(self) -> None:
         """Not replayed after all (our transaction rolled back): leave it for the next one."""
         os.close(self.fd)
+
+
+def remove_cut_creations(directory: Path, *, older_than: float = CREATION_GRACE) -> int:
+    """Remove the `*.new` files of processes that died while creating their log (between
+    its creation and its rename: empty, nothing was appended yet). One is taken for cut
+    short only once it is older than `older_than` seconds and unlocked, since its creator
+    takes the lock just after creating it. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.endswith(".new")]
+    except FileNotFoundError:
+        return 0
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        except BlockingIOError:  # its creator is alive and about to rename it
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d redo log(s) whose creation a crash cut short", removed)
+    return removed
 
 
 def _other_logs(directory: Path, own: RedoLog | None) -> list[os.DirEntry[str]]:
