@@ -192,6 +192,16 @@ class BlockIO:
         self._moving += len(digests)
         return [(d, self.pending[d]) for d in digests]
 
+    @property
+    def writes(self) -> int:
+        """Blocks sealed so far."""
+        return self._writes
+
+    @property
+    def last_write(self) -> float:
+        """When the last block was sealed (trio clock; -inf before the first)."""
+        return self._last_write
+
     def _wrote(self) -> None:
         """A block was sealed: the mover waits for the next pause (MOVER_QUIET)."""
         self._last_write = trio.current_time()
