@@ -7,8 +7,8 @@ in a child process and waits for the ready byte on `ready_fd`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -100,6 +101,18 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 
 
+@functools.cache
+def _libc_function(name: str, argtypes: tuple[Any, ...]) -> Any:
+    """`name` from the C library the process runs with, or None where it has none (not
+    glibc). Looked up once: `find_library` would run `ldconfig` each time."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
+
+
 def tune_malloc(keep: int) -> bool:
     """Keep the memory of freed block buffers mapped, up to `keep` bytes, for the next ones.
 
@@ -113,12 +126,9 @@ def tune_malloc(keep: int) -> bool:
     trio-thread faults 6,376 -> 265, its CPU 48 -> 37 ms, the write 98 -> 86 ms (the
     passthrough: 48 ms). False where the C library has no mallopt (not glibc).
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, min(keep, 2**31 - 1)))
 
@@ -126,12 +136,8 @@ def tune_malloc(keep: int) -> bool:
 def release_memory() -> bool:
     """Hand the free memory malloc keeps (see tune_malloc) back to the kernel (malloc_trim).
     Walks the heaps: run it in a worker thread. True if some was released."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,))
+    return trim is not None and bool(trim(0))
 
 
 async def release_memory_when_idle(io: BlockIO, idle: float = IDLE_RELEASE_AFTER) -> None:

@@ -1262,7 +1262,7 @@ class Index:
                 return
             digest, size = v
             conn.execute(_PUT_BLOCK, (ino, idx, digest))
-            conn.execute(_ADD_BLOB, (digest, size, time_ns, 0 if self.remote else 1))
+            conn.execute(_ADD_BLOB, (digest, size, time_ns, self._uploaded))
             data = pending.get(digest)
             if data is not None:
                 conn.execute(_ADD_PENDING, (digest, data))
@@ -1282,9 +1282,13 @@ class Index:
             (dst, src),
         )
 
-    def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
+    @property
+    def _uploaded(self) -> int:
         # A remote store's new blobs are only in the local cache: uploaded = 0 queues them.
-        up = 0 if self.remote else 1
+        return 0 if self.remote else 1
+
+    def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
+        up = self._uploaded
         self.conn.executemany(_ADD_BLOB, ((d, s, time_ns, up) for d, s in blobs))
 
     def add_pending_blobs(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
