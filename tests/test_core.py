@@ -1419,6 +1419,67 @@ async def test_file_removed_while_hashing_is_reaped_at_release(
         assert c.store.index.get_inode(ino) is None
 
 
+async def test_hashing_behind_the_writes_counts_against_the_dirty_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks waiting for the whole-file hasher hold their part of the dirty budget: while the
+    hashing is held, a writer of more than the budget waits instead of the daemon keeping the
+    rest in memory; once the hashing goes on, the write ends and the digest is right."""
+    budget = 4 * BIG_BLOCK
+    data = pattern(16 * BIG_BLOCK)
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK, dirty_budget=budget) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        fh = await c.create(p("f"))
+        ino = await c.resolve(p("f"))
+        done = trio.Event()
+
+        async def write() -> None:
+            await c.write_all(fh, 0, data, chunk=BIG_BLOCK)
+            done.set()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(write)
+                with trio.move_on_after(0.3):
+                    await done.wait()
+                assert not done.is_set()  # waiting for the hashing to make room
+                assert c.fs.files[ino].size <= budget + BIG_BLOCK
+                gate.set()
+        finally:
+            gate.set()
+            await c.fs.release(fh)
+        await c.io.drained()  # the mover has stored the blocks: nothing is held any more
+        assert c.io.dirty_bytes == 0
+        assert await c.sha256_xattr(p("f")) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["truncate", "rewrite"])
+async def test_chunks_dropped_from_the_hasher_give_their_budget_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Chunks queued for the whole-file hasher are let go when the file is cut to 0 or written
+    behind the hash position; their bytes must leave the dirty budget with them."""
+    async with open_core(tmp_path / "store", block_size=BIG_BLOCK) as c:
+        await workspace(c, WS)
+        gate = hold_hashing(c, monkeypatch)
+        fh = await c.create(p("f"))
+        try:
+            await c.fs.write(fh, 0, pattern(4 * BIG_BLOCK, seed=1))
+            if how == "truncate":
+                await c.fs.setattr(await c.resolve(p("f")), AttrChanges(size=0), CALLER)
+            await c.fs.write(fh, 0, b"abc")
+        finally:
+            gate.set()
+            await c.fs.release(fh)
+        await c.fs.digests_settled()
+        await c.io.drained()
+        assert c.io.dirty_bytes == 0
+        want = b"abc" if how == "truncate" else b"abc" + pattern(4 * BIG_BLOCK, seed=1)[3:]
+        monkeypatch.undo()  # a rewrite's digest is computed from the stored blocks
+        assert await c.sha256_xattr(p("f")) == hashlib.sha256(want).hexdigest()
+
+
 async def test_checkpoint_waits_for_the_digests_being_hashed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,6 +142,12 @@ class BlockIO:
         if why is not None:
             self._wake()  # waiting writers fail now instead of waiting for a release
 
+    def hold(self, n: int) -> None:
+        """Account `n` more bytes held in memory for background work, without waiting:
+        writers wait in `reserve` until they are released. (A block both being stored and
+        waiting for its file's hasher counts twice: the budget errs on the safe side.)"""
+        self.dirty_bytes += n
+
     def track(self, f: Sealable) -> None:
         self._tracked.add(f)
 
@@ -356,8 +362,14 @@ class BlockIO:
     async def sync(self) -> None:
         await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
 
-    async def hash_update(self, hasher: hashlib._Hash, data: bytes) -> None:
-        await trio.to_thread.run_sync(hasher.update, data, limiter=self.limiter)
+    async def hash_update(self, hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:
+        """Feed `chunks` to `hasher`, in order, in one worker-thread hop."""
+        await trio.to_thread.run_sync(_update_all, hasher, chunks, limiter=self.limiter)
+
+
+def _update_all(hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
 
 
 def _missing(digest: bytes) -> StorageError:
