@@ -124,8 +124,8 @@ class FileData:
         self._hash_queue: list[bytes] = []
         self._hash_tail = trio.Event()
         self._hash_tail.set()
-        # A commit went without the digest while hashing still ran: the last hash step
-        # records it (see _hashed), so a close or fsync never waits for the hash.
+        # A commit went without the digest while hashing still ran: the feeder records it
+        # when its queue runs dry (see _hashed), so a close or fsync never waits for the hash.
         self._digest_due = False
 
     # ---- reading ------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class FileData:
             await self._hash_tail.wait()
 
     def _hashed(self) -> None:
-        """The last hash step is done: record the digest a commit went without, if the index
+        """The hasher's queue ran dry: record the digest a commit went without, if the index
         still holds exactly the content hashed (otherwise the next commit takes it)."""
         if not self._digest_due or self.hasher is None or self.hash_pos != self.size:
             return
