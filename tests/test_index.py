@@ -417,6 +417,31 @@ def test_wal_starts_again_during_a_burst_of_group_commits(grouped: Index, db_pat
         conn.close()
 
 
+def test_a_wal_started_again_is_cut_back_first(grouped: Index, db_path: Path) -> None:
+    """When the WAL starts again from its beginning, the file is cut back first, so new
+    frames are appended instead of written over old ones: frames are not page-aligned, and
+    writing over a WAL page no longer in the page cache (after `drop_caches`, or under memory
+    pressure) read it from the disk first, on the trio thread."""
+    grouped.defer_checkpoints()
+    grouped.wal_reset_bytes = 1 << 40  # no new start while the WAL grows
+    wal = db_path.with_name(db_path.name + "-wal")
+    for i in range(100):
+        with grouped.txn():
+            grouped.set_meta(f"k{i % 10}", f"{i:08d}" * 1000)
+        grouped.flush()
+    assert wal.stat().st_size > 1 << 20
+    grouped.wal_reset_bytes = 256 << 10
+    grouped.checkpoint()  # caught up and past the limit: the next flush starts it again
+    with grouped.txn():
+        grouped.set_meta("busy", "1")
+    grouped.flush()
+    with grouped.txn():
+        grouped.set_meta("after", "1")
+    grouped.flush()
+    assert wal.stat().st_size < 64 << 10
+    assert grouped.get_meta("k9") == f"{99:08d}" * 1000
+
+
 def test_make_durable_keeps_data(index: Index) -> None:
     with index.txn():
         index.set_meta("store_id", "abc")
