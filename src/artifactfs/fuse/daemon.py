@@ -327,15 +327,35 @@ async def _group_committer(store: Store, interval: float) -> None:
 
 
 async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> None:
-    """Every second: retire stored journal rows, then fold the WAL into the database in a
-    worker thread, off the request path."""
+    """Every second: retire stored journal rows (see `retire_due`), then fold the WAL into
+    the database in a worker thread, off the request path."""
+    retired = trio.current_time()
     while True:
         await trio.sleep(interval)
         try:
-            await fs.retire_journal()
+            now = trio.current_time()
+            if retire_due(now, fs.io.last_write, retired):
+                retired = now
+                await fs.retire_journal()
             await trio.to_thread.run_sync(_sync_then_checkpoint, store)
         except Exception as exc:  # a busy database is retried next time
             log.warning("WAL checkpoint failed: %s", exc)
+
+
+# Stored journal rows are retired once writes pause this long (or at the latest after
+# RETIRE_MAX_WAIT): their DELETE and its commits run on the trio thread (~4.5 ms per slice),
+# and the rows are harmless meanwhile (after a crash the next start stores them again, a
+# no-op for a stored blob). Measured on `git clone` of 3,000 files right after `tar -xf` and
+# `cp -a` in the mount (the bench's order), 3 runs each: 3.41-3.71 s against 3.75-3.93 s,
+# the trio thread's CPU during the clone ~200 ms less.
+RETIRE_QUIET = 1.0
+RETIRE_MAX_WAIT = 30.0
+
+
+def retire_due(now: float, last_write: float, retired: float) -> bool:
+    """Whether to retire stored journal rows now: no block sealed for RETIRE_QUIET seconds,
+    or none retired for RETIRE_MAX_WAIT (a long burst of writes)."""
+    return now - last_write >= RETIRE_QUIET or now - retired >= RETIRE_MAX_WAIT
 
 
 def _sync_then_checkpoint(store: Store) -> None:
