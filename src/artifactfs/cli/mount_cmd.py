@@ -93,8 +93,8 @@ def mount(
         typer.Option(
             "--dirty-budget",
             metavar="SIZE",
-            help="Memory for written data not yet in the block store (writers wait, or get "
-            "ENOSPC when the store refuses blocks, beyond it).",
+            help="Memory for written data not yet in the block store or not yet hashed "
+            "(writers wait, or get ENOSPC when the store refuses blocks, beyond it).",
         ),
     ] = "128M",
     commit_interval: Annotated[

@@ -51,7 +51,7 @@ class MountSettings:
     credential_token: str | None = None  # a scoped mount; None: the administrative view
     owner: tuple[int, int] | None = None  # show every node as owned by this uid:gid
     upload_drain_timeout: float = 600.0  # remote stores: how long unmount waits for uploads
-    dirty_budget: int = 128 << 20  # written bytes held in memory until the block store has them
+    dirty_budget: int = 128 << 20  # written bytes held in memory until stored (and hashed)
     # How often grouped changes are committed; closes in between are in the redo log.
     commit_interval: float = GROUP_COMMIT_INTERVAL
 
