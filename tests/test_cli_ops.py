@@ -152,11 +152,18 @@ async def test_log_filters(store: Path) -> None:
     assert bad.returncode != 0 and "neither a duration" in bad.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_log_follow(store: Path) -> None:
     proc = subprocess.Popen(
         [AFS, "log", "--store", str(store), "--follow", "--type", "gc."],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # Ctrl-C as at a terminal: a suite started in the background by a non-interactive
+        # shell (`./.ci/run &`) inherits SIGINT ignored, and so would the command.
+        preexec_fn=_default_sigint,
     )
     try:
         time.sleep(1.5)
