@@ -181,4 +181,10 @@ async def test_log_follow(store: Path) -> None:
         assert proc.poll() is None  # still following
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never left running, whatever failed
+            proc.wait()
+            raise
+    assert code == 0
