@@ -137,7 +137,7 @@ class FileSystem:
         # Small blocks journalled before a crash: served from memory and stored by the mover.
         recovered = self.index.pending_blobs()
         for digest, data in recovered:
-            self.io.dirty_bytes += len(data)
+            self.io.hold(len(data))
             self.io.queue_pending(digest, data)
         if recovered:
             log.info("storing %d journalled blocks left by an earlier run", len(recovered))
