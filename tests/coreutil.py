@@ -26,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from artifactfs.blobs.journal import JournalReader
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.filedata import stored_estimate
 from artifactfs.core.fs import FileSystem
@@ -179,8 +180,8 @@ def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
     conn = index.conn
     root = index.get_inode(ROOT_INODE)
     assert root is not None and root.kind == NodeKind.ROOT
-    # A small block may still be journalled (pending_blobs) while the mover stores it.
-    journalled = {bytes(d) for (d,) in conn.execute("SELECT digest FROM pending_blobs")}
+    # A small block may still be journalled while the mover stores it.
+    journalled = JournalReader(store.journal_dir).digests()
     for (digest,) in conn.execute("SELECT DISTINCT digest FROM blocks"):
         d = bytes(digest)
         assert store.backend.has(d) or d in journalled, f"block {d.hex()} not stored"
@@ -218,10 +219,8 @@ def check_invariants(store: Store, *, busy: Collection[int] = ()) -> None:
 
 def _committed_blob(store: Store, digest: bytes) -> bytes:
     """A blob from the backend, or from the journal while the mover has not stored it yet."""
-    row = store.index.conn.execute(
-        "SELECT data FROM pending_blobs WHERE digest = ?", (digest,)
-    ).fetchone()
-    return bytes(row[0]) if row is not None else store.backend.get(digest)
+    data = JournalReader(store.journal_dir).get(digest)
+    return data if data is not None else store.backend.get(digest)
 
 
 def content_sha256(store: Store, ino: int) -> bytes:
@@ -257,7 +256,9 @@ async def open_core(
     init_store(store_path, block_size=block_size)
     store = Store(store_path)
     try:
-        io = BlockIO(store.backend, block_size=store.config.block_size)
+        io = BlockIO(
+            store.backend, block_size=store.config.block_size, journal=store.open_journal()
+        )
         if dirty_budget is not None:
             io.dirty_budget = dirty_budget
         fs = FileSystem(store.index, io)
@@ -295,7 +296,9 @@ async def crashing_core(
     init_store(store_path, block_size=block_size)
     store = Store(store_path)
     try:
-        io = BlockIO(store.backend, block_size=store.config.block_size)
+        io = BlockIO(
+            store.backend, block_size=store.config.block_size, journal=store.open_journal()
+        )
         fs = FileSystem(store.index, io)
         async with trio.open_nursery() as nursery:
             fs.start(nursery)

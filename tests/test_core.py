@@ -25,7 +25,8 @@ from coreutil import (
     workspace,
 )
 
-from artifactfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, RETIRE_SLICE
+from artifactfs.blobs.journal import JournalReader
+from artifactfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from artifactfs.core.nodes import ROOT_INODE, AttrChanges, Caller, NodeKind
 from artifactfs.errors import (
     BadHandle,
@@ -45,6 +46,7 @@ from artifactfs.errors import (
     NotSupported,
     OutOfRange,
 )
+from artifactfs.store import Store
 
 WS = "acme/shared/ws"
 SHA = b"user.artifactfs.sha256"
@@ -1778,13 +1780,17 @@ async def test_fsynced_file_survives_a_crash(tmp_path: Path, group: bool) -> Non
 # ---- the journal of small blocks --------------------------------------------------------------
 
 
+def _segments(store: Store) -> list[str]:
+    return sorted(f.name for f in store.journal_dir.glob("*.jnl"))
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["plain", "group"])
 async def test_closed_small_file_survives_a_crash_before_its_block_is_stored(
     tmp_path: Path, group: bool
 ) -> None:
-    """A closed small file is committed with its block journalled in the index; the mover
-    stores it later. Killed before the mover ran, the next start stores the block and the
-    file reads back whole."""
+    """A closed small file is committed with its block in the journal; the mover stores it
+    later. Killed before the mover ran, the next start stores the block, the file reads back
+    whole, and the dead daemon's segment goes once the block is stored and synced."""
     path = tmp_path / "store"
     data = b"journalled bytes\n" * 11
     digest = hashlib.sha256(data).digest()
@@ -1797,17 +1803,17 @@ async def test_closed_small_file_survives_a_crash_before_its_block_is_stored(
         await c.fs.write(fh, 0, data)
         await c.fs.flush(fh)
         assert not c.store.backend.has(digest)
-        assert [d for d, _ in c.store.index.pending_blobs()] == [digest]
-        assert await c.read_file(p("f")) == data  # served from the journal meanwhile
+        assert JournalReader(c.store.journal_dir).digests() == {digest}
+        assert await c.read_file(p("f")) == data  # served from memory meanwhile
+        dead = _segments(c.store)
     async with open_core(path) as c:
         assert await c.read_file(p("f")) == data
         await c.io.drained()
         assert c.store.backend.has(digest)
-        # The row stays until a sync has made the stored blob durable.
-        assert [d for d, _ in c.store.index.pending_blobs()] == [digest]
+        # The segment stays until a sync has made the stored blob durable.
+        assert _segments(c.store) == dead
         await c.fs.retire_journal()
-        c.store.index.flush()
-        assert c.store.index.pending_blobs() == []
+        assert _segments(c.store) == []
 
 
 async def _never(*_: object) -> list[tuple[bytes, bytes]]:
@@ -1817,57 +1823,53 @@ async def _never(*_: object) -> list[tuple[bytes, bytes]]:
 
 async def test_journal_is_emptied_once_blocks_are_stored(core: Core) -> None:
     await core.write_file(p("small"), b"tiny")
+    assert len(_segments(core.store)) == 1
     await core.io.drained()
     await core.fs.retire_journal()
-    core.store.index.flush()
-    assert core.store.index.pending_blobs() == []
+    assert _segments(core.store) == []
     assert core.store.backend.has(hashlib.sha256(b"tiny").digest())
+    # The next block starts a new segment.
+    await core.write_file(p("small2"), b"tiny 2")
+    assert len(_segments(core.store)) == 1
 
 
-async def test_retiring_a_long_journal_lets_requests_in_between(core: Core) -> None:
-    """The journal rows of many small files go in slices, each committed, with the trio
-    thread free for requests between them, instead of one long step."""
-    files = RETIRE_SLICE * 3 + 5
-    for i in range(files):
-        await core.write_file(p(f"f{i}"), b"content %d\n" % i)
-    await core.io.drained()
-    between: list[int] = []
-    done = False
+async def test_a_segment_with_a_block_not_stored_stays_until_it_is(core: Core) -> None:
+    """Retiring seals the segment being written; one whose blocks are not all stored stays
+    (its blocks would be lost with it), and goes at the first retirement after they are."""
+    gate = trio.Event()
+    real = core.io.next_batch
 
-    async def other_requests() -> None:
-        while not done:
-            between.append(len(core.store.index.pending_blobs()))
-            await trio.lowlevel.checkpoint()
+    async def held(limit: int = 256) -> list[tuple[bytes, bytes]]:
+        await gate.wait()
+        return await real(limit)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other_requests)
-        await trio.lowlevel.checkpoint()
-        await core.fs.retire_journal()
-        done = True
-    assert core.store.index.pending_blobs() == []
-    # The other task ran while rows were left, and only ever saw whole slices gone.
-    partial = {n for n in between if 0 < n < files}
-    assert partial
-    assert partial <= {files - RETIRE_SLICE * k for k in (1, 2, 3)}
-
-
-async def test_a_cancelled_retirement_leaves_the_rest_for_the_next_one(core: Core) -> None:
-    files = RETIRE_SLICE * 2 + 3
-    for i in range(files):
-        await core.write_file(p(f"f{i}"), b"content %d\n" % i)
-    await core.io.drained()
-
-    async def cancel_after_a_slice(scope: trio.CancelScope) -> None:
-        while len(core.store.index.pending_blobs()) == files:
-            await trio.lowlevel.checkpoint()
-        scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as scope:
-            nursery.start_soon(cancel_after_a_slice, scope)
-            await core.fs.retire_journal()
-    left = len(core.store.index.pending_blobs())
-    assert 0 < left < files
+    core.io.next_batch = held  # type: ignore[method-assign]
+    await core.write_file(p("a"), b"first")
+    first = _segments(core.store)
     await core.fs.retire_journal()
-    core.store.index.flush()
-    assert core.store.index.pending_blobs() == []
+    assert _segments(core.store) == first  # not stored yet: kept, sealed
+    await core.write_file(p("b"), b"second")
+    assert len(_segments(core.store)) == 2  # a new segment for the next block
+    gate.set()
+    await core.io.drained()
+    await core.fs.retire_journal()
+    assert _segments(core.store) == []
+
+
+async def test_a_cancelled_retirement_leaves_the_segments_for_the_next_one(core: Core) -> None:
+    """Cancelled while it syncs, a retirement deletes nothing (the puts may not be durable
+    yet); the next one deletes them."""
+    await core.write_file(p("f"), b"content")
+    await core.io.drained()
+    real = core.io.sync
+
+    async def slow_sync() -> None:
+        await trio.sleep_forever()
+
+    core.io.sync = slow_sync  # type: ignore[method-assign]
+    with trio.move_on_after(0.05):
+        await core.fs.retire_journal()
+    assert len(_segments(core.store)) == 1
+    core.io.sync = real  # type: ignore[method-assign]
+    await core.fs.retire_journal()
+    assert _segments(core.store) == []

@@ -3,6 +3,7 @@ invariant queries the core tests rely on."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from artifactfs.blobs.journal import JournalReader, journal_dir
 from artifactfs.errors import StoreTooNew
 from artifactfs.index import migrations
 from artifactfs.index.db import Index, InodeRow
 from artifactfs.index.migrations import MIGRATIONS, migrate, schema_version
 from artifactfs.index.schema import SCHEMA_VERSION
+from artifactfs.ownedfiles import is_locked
 
 TABLES = {
     "meta",
@@ -31,7 +34,6 @@ TABLES = {
     "blobs",
     "symlinks",
     "xattrs",
-    "pending_blobs",
     "events",
     # v2
     "checkpoints",
@@ -824,6 +826,28 @@ def test_v1_data_survives_migration_and_is_tracked(db_path: Path) -> None:
         assert ix.dir_state(11) is None and ix.dir_state(10) is None
     finally:
         ix.close()
+
+
+def test_v5_moves_journalled_blocks_out_of_the_index(db_path: Path) -> None:
+    """Blocks a version-4 daemon journalled in `pending_blobs` and never stored are written
+    to a journal segment nobody holds (the next daemon to start adopts and stores them)
+    before the table is dropped."""
+    data = b"journalled before the upgrade"
+    digest = hashlib.sha256(data).digest()
+    conn = raw(db_path)
+    try:
+        migrate(conn, target=4)
+        conn.execute("INSERT INTO pending_blobs (digest, data) VALUES (?, ?)", (digest, data))
+    finally:
+        conn.close()
+    ix = Index(db_path)
+    try:
+        assert ix.start_version == 4 and "pending_blobs" not in tables(ix.conn)
+    finally:
+        ix.close()
+    segments = list(journal_dir(db_path.parent).glob("*.jnl"))
+    assert len(segments) == 1 and not is_locked(str(segments[0]))
+    assert JournalReader(journal_dir(db_path.parent)).get(digest) == data
 
 
 # ---- the inode row cache ----------------------------------------------------------------------

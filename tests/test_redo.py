@@ -4,6 +4,7 @@ death and is applied exactly once, by the next connection that writes; nothing e
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sqlite3
 import stat
@@ -106,7 +107,6 @@ def test_what_a_killed_process_persisted_is_applied_by_the_next_open(tmp_path: P
                                       nlink=1, time_ns=7, namespace_id=None)
                 ix.add_dentry(1, name, row.id)
                 ix.set_blocks(row.id, [(0, {D1!r})])
-                ix.add_pending_blobs([({D1!r}, data)])
                 ix.update_file_state(row.id, len(data), 9, 9, None, len(data))
         add(b"closed", b"x" * 5000)
         ix.persist()
@@ -130,7 +130,6 @@ def test_what_a_killed_process_persisted_is_applied_by_the_next_open(tmp_path: P
         row = ix.lookup_child_inode(1, b"closed")
         assert row is not None and row.size == 5000 and row.mtime_ns == 9
         assert ix.block_map(row.id) == {0: D1}
-        assert ix.pending_blob_data(D1) is not None
         assert ix.get_xattr(1, b"user.k") == b"v"
         assert logs(path) == []
     finally:
@@ -147,8 +146,9 @@ def test_a_unit_that_rolled_back_is_not_in_the_log(tmp_path: Path) -> None:
     ix = daemon_index(path)
     new_file(ix, 1, b"kept")
     with pytest.raises(Boom), ix.txn():
-        row = ix.insert_inode(kind=5, mode=0o100644, uid=1, gid=2, nlink=1, time_ns=7,
-                              namespace_id=None)
+        row = ix.insert_inode(
+            kind=5, mode=0o100644, uid=1, gid=2, nlink=1, time_ns=7, namespace_id=None
+        )
         ix.add_dentry(1, b"rolled-back", row.id)
         ix.add_nlink(1, 5)
         raise Boom()
@@ -262,8 +262,9 @@ def test_a_log_that_cannot_be_written_makes_persist_commit(
         assert not ix.conn.in_transaction
         other = sqlite3.connect(path)
         try:
-            assert other.execute("SELECT count(*) FROM dentries WHERE name = ?",
-                                 (b"f",)).fetchone() == (1,)
+            assert other.execute(
+                "SELECT count(*) FROM dentries WHERE name = ?", (b"f",)
+            ).fetchone() == (1,)
         finally:
             other.close()
     finally:
@@ -497,17 +498,17 @@ def test_a_log_being_created_is_never_taken_for_a_dead_one(
     path = tmp_path / "index.sqlite3"
     Index(path, create=True).close()
     d = redo.redo_dir(path)
-    real_flock = redo.fcntl.flock
+    real_flock = fcntl.flock
     seen: list[str] = []
 
     def flock(fd: int, op: int) -> None:
-        if op == redo.fcntl.LOCK_EX:  # the creator's lock: scan first, as a rival would
+        if op == fcntl.LOCK_EX:  # the creator's lock: scan first, as a rival would
             for dead in redo.dead_logs(d, None):
                 seen.append(dead.path.name)
                 dead.release()
         real_flock(fd, op)
 
-    monkeypatch.setattr(redo.fcntl, "flock", flock)
+    monkeypatch.setattr(fcntl, "flock", flock)
     made = redo.RedoLog(d)
     monkeypatch.undo()
     assert seen == []
@@ -531,7 +532,7 @@ def test_a_creation_cut_short_is_removed_by_the_next_log(tmp_path: Path) -> None
         os.utime(f, (1, 1))  # long ago
     holder = os.open(held, os.O_RDONLY)
     try:
-        redo.fcntl.flock(holder, redo.fcntl.LOCK_EX)
+        fcntl.flock(holder, fcntl.LOCK_EX)
         made = redo.RedoLog(d)
         assert not old.exists()
         assert recent.exists() and held.exists()

@@ -270,9 +270,9 @@ async def test_journalled_block_is_stored_then_uploaded_and_lost_one_reported(
         jd = hashlib.sha256(journalled).digest()
         lost = data_of("lost", 2000)
         ld = hashlib.sha256(lost).digest()
-        with store.index.txn():  # committed with the journal row; the mover never ran
+        store.open_journal().append(jd, journalled)  # journalled; the mover never ran
+        with store.index.txn():
             store.index.record_blobs([(jd, len(journalled)), (ld, len(lost))], time.time_ns())
-            store.index.add_pending_blobs([(jd, journalled)])
         assert store.index.upload_queue_stats()[0] == 2
         async with trio.open_nursery() as nursery:
             up = Uploader(store.index, backend, backup_interval=None)
@@ -329,9 +329,9 @@ async def test_uploader_puts_a_journalled_block_without_waiting_for_room(
         pinned = [data_of(f"pinned-{i}", 16 * 1024) for i in range(4)]
         journalled = data_of("journalled", 16 * 1024)
         jd = hashlib.sha256(journalled).digest()
+        store.open_journal().append(jd, journalled)
         with store.index.txn():  # the journalled block is the oldest row of the queue
             store.index.record_blobs([(jd, len(journalled))], time.time_ns() - 10**9)
-            store.index.add_pending_blobs([(jd, journalled)])
             store.index.record_blobs(
                 [(hashlib.sha256(p).digest(), len(p)) for p in pinned], time.time_ns()
             )

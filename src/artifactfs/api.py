@@ -104,7 +104,9 @@ class _Engine:
 
     def __init__(self, path: Path, credential: Path | None) -> None:
         self.store = Store(path)
-        self.io = BlockIO(self.store.backend, self.store.config.block_size)
+        self.io = BlockIO(
+            self.store.backend, self.store.config.block_size, journal=self.store.open_journal()
+        )
         view = ADMIN
         if credential is not None:
             token = read_credential_file(credential)

@@ -29,6 +29,7 @@ import platformdirs
 from pydantic import BaseModel, Field
 
 from artifactfs.blobs.cached import CachedBackend
+from artifactfs.blobs.journal import Journal, JournalReader, journal_dir
 from artifactfs.blobs.local import LocalBackend
 from artifactfs.blobs.s3 import (
     S3Backend,
@@ -199,7 +200,8 @@ def _settle_restored_queue(index: Index, remote: S3Backend) -> tuple[int, int]:
     queue = [d for d, _ in index.upload_queue(1 << 62)]
     with ThreadPoolExecutor(8) as pool:
         present = dict(zip(queue, pool.map(remote.has, queue), strict=True))
-    lost = [d for d in queue if not present[d] and index.pending_blob_data(d) is None]
+    journal = JournalReader(journal_dir(index.path.parent))
+    lost = [d for d in queue if not present[d] and journal.get(d) is None]
     queued = sum(1 for d in queue if not present[d]) - len(lost)
     with index.txn():
         index.mark_uploaded([d for d in queue if present[d]] + lost)
@@ -305,6 +307,18 @@ class Store:
             # Puts are atomic (temp + rename) but synced in batches: fsync of a file syncs the
             # blob store (one syncfs) before its index commit. See docs/ARCHITECTURE.md.
             self.backend = LocalBackend(path / "blobs", durable=False, max_open_files=1024)
+        self._journal: Journal | None = None
+
+    @property
+    def journal_dir(self) -> Path:
+        return journal_dir(self.path)
+
+    def open_journal(self) -> Journal:
+        """This process's journal of small blocks (a daemon's or the API's), closed with the
+        store: what it still holds then is adopted by the next daemon to start."""
+        if self._journal is None:
+            self._journal = Journal(self.journal_dir)
+        return self._journal
 
     @property
     def remote(self) -> CachedBackend | None:
@@ -321,5 +335,8 @@ class Store:
             )
 
     def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         self.backend.close()
         self.index.close()

@@ -37,10 +37,9 @@ class Session:
                 f"no artifactfs store at {path}: pass --store, or run `artifactfs init {path}`"
             )
         self.store = Store(path)
+        # Small blocks a mount has committed but not stored yet are read from its journal
+        # (FileSystem sets that up).
         self.io = BlockIO(self.store.backend, block_size=self.store.config.block_size)
-        # Small blocks a mount has committed but not stored yet are read from its journal.
-        for digest, data in self.store.index.pending_blobs():
-            self.io.pending[digest] = data
         self.fs = FileSystem(self.store.index, self.io)
         self.cp: Checkpoints = self.fs.checkpoints
         self.caller = Caller(uid=os.getuid(), gid=os.getgid())
@@ -80,5 +79,3 @@ def actor() -> str:
 
 def when(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-

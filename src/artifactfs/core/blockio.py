@@ -3,8 +3,9 @@
 Owns the worker-thread boundary for contents: hashing, zero detection, backend puts and reads
 of full blocks run in worker threads under one named CapacityLimiter (small ones inline, see
 INLINE_IO_MAX). Owns the mount-wide budget of dirty bytes held in memory, which gives writers
-backpressure, and the *pending* small blocks: committed to the index (journalled there) but
-not yet put into the backend, served from memory until the mover has stored them.
+backpressure, and the *pending* small blocks: committed to the index, journalled
+(`blobs/journal.py`) but not yet put into the backend, served from memory until the mover
+has stored them.
 
 A backend that is out of space (`NoSpace`: a remote store's cache full of blocks not yet
 uploaded for its `full_wait`, or a full disk) must not leave writers waiting for the budget
@@ -24,6 +25,7 @@ from typing import Protocol
 import trio
 
 from artifactfs.blobs.backend import BlobBackend
+from artifactfs.blobs.journal import Journal, sync_all
 from artifactfs.errors import NoSpace, NotFound, StorageError
 from artifactfs.units import human
 
@@ -38,7 +40,7 @@ INLINE_IO_MAX = 64 * 1024
 # The mover waits this long after the first queued block before taking a batch, so that one
 # worker-thread hop stores the blocks of many closes instead of one (each hop costs the trio
 # thread 100+ us, and the worker's Python code competes with it for the GIL). Journalled
-# blocks are durable in the index and readable from memory meanwhile.
+# blocks are in the journal and readable from memory meanwhile.
 MOVER_LINGER = 0.05
 # While files are being written, the mover waits for writers to pause this long before it
 # stores anything (unless dirty blocks fill half the memory budget, or someone waits for the
@@ -62,8 +64,12 @@ class BlockIO:
         *,
         threads: int = 4,
         dirty_budget: int = 128 << 20,
+        journal: Journal | None = None,
     ) -> None:
         self.backend = backend
+        # Where pending small blocks are kept until stored. None (tests of this layer, the
+        # CLI's read-only session): in memory only, lost with the process.
+        self.journal = journal
         self.block_size = block_size
         self.zero_block = bytes(block_size)
         # Named so that a profile or a trio task dump says who waits for what.
@@ -74,7 +80,7 @@ class BlockIO:
         # per release.
         self._released = trio.Event()
         self._waiting = 0  # writers waiting in `reserve` for a release
-        # Small blocks journalled in the index and waiting for the mover: digest -> bytes.
+        # Small blocks journalled and waiting for the mover: digest -> bytes.
         self.pending: dict[bytes, bytes] = {}
         self._to_move: list[bytes] = []
         self._work = trio.Event()
@@ -88,9 +94,9 @@ class BlockIO:
         self._hurry = 0
         self._nudge = trio.Event()  # set to end the mover's wait for a pause at once
         # Small blocks journalled by ANOTHER process (a mount or the API writing the same
-        # store) are in the index's journal until that process's mover stores them: a miss
-        # in the backend looks there (set by FileSystem; runs in whatever thread reads).
-        self.journal: Callable[[bytes], bytes | None] | None = None
+        # store) are in its journal until its mover stores them: a miss in the backend
+        # looks there (set by FileSystem; runs in whatever thread reads).
+        self.others: Callable[[bytes], bytes | None] | None = None
         # Files holding dirty blocks: sealed (stored in the background) when over budget, so
         # a writer never waits for a release that no one is going to make.
         self._tracked: weakref.WeakSet[Sealable] = weakref.WeakSet()
@@ -166,15 +172,21 @@ class BlockIO:
         """Digest a sealed small block and queue it for the mover, instead of storing it on
         the commit path. Takes over the block's reservation of `block_size` dirty bytes:
         only `len(data)` stays reserved until the mover has stored it. None for a hole.
-        `hashed`: a SHA-256 fed exactly `data` already (its digest is taken now)."""
-        self._wrote()
+        `hashed`: a SHA-256 fed exactly `data` already (its digest is taken now). Raises
+        OSError, having changed nothing, if the journal cannot take it (a full disk): the
+        caller stores the block instead."""
         if self.is_zero(data):
+            self._wrote()
             self.release(self.block_size)
             return None
         digest = (hashed if hashed is not None else hashlib.sha256(data)).digest()
+        known = digest in self.pending  # the same content is already on its way
+        if not known and self.journal is not None:
+            self.journal.append(digest, data)
+        self._wrote()
         self.release(self.block_size - len(data))
-        if digest in self.pending:
-            self.release(len(data))  # the same content is already on its way
+        if known:
+            self.release(len(data))
         else:
             self.queue_pending(digest, data)
         return digest
@@ -226,11 +238,11 @@ class BlockIO:
                 self._nudge = trio.Event()
 
     def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> int:
-        """Worker thread: store a batch of pending blocks (not yet synced: their journal rows
-        stay until a later sync, see FileSystem.retire_journal). Stops early, returning how
-        many it stored, when a writer seals a block meanwhile and nothing hurries the mover:
-        the rest waits for the next pause (the counters are read without a lock; at worst
-        one more block is stored)."""
+        """Worker thread: store a batch of pending blocks (not yet synced: their journal
+        segments stay until a later sync, see FileSystem.retire_journal). Stops early,
+        returning how many it stored, when a writer seals a block meanwhile and nothing
+        hurries the mover: the rest waits for the next pause (the counters are read without
+        a lock; at worst one more block is stored)."""
         self._mover_refusal = None
         writes = self._writes
         done = 0
@@ -250,9 +262,7 @@ class BlockIO:
         dirty."""
         return bool(self._hurry) or self.dirty_bytes * 2 >= self.dirty_budget
 
-    def moved(
-        self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool, put: bool = True
-    ) -> None:
+    def moved(self, batch: Sequence[tuple[bytes, bytes]], *, ok: bool, put: bool = True) -> None:
         """The mover is done with `batch`: forget it (ok) or queue it again. `put=False`:
         forgotten without a put (stored elsewhere), which says nothing about room."""
         self._moving -= len(batch)
@@ -264,6 +274,8 @@ class BlockIO:
             if ok:
                 del self.pending[digest]
                 self.release(len(data))
+                if self.journal is not None:
+                    self.journal.stored(digest)
             else:
                 self._to_move.append(digest)
         if not self._to_move and not self._moving:
@@ -318,7 +330,7 @@ class BlockIO:
             return self._from_journal(digest)
 
     def _from_journal(self, digest: bytes) -> bytes:
-        data = self.journal(digest) if self.journal is not None else None
+        data = self.others(digest) if self.others is not None else None
         if data is None:
             try:  # the other process's mover may have stored it meanwhile
                 return self.backend.get(digest)
@@ -360,7 +372,15 @@ class BlockIO:
         return h.digest()
 
     async def sync(self) -> None:
-        await trio.to_thread.run_sync(self.backend.sync, limiter=self.limiter)
+        """Everything stored so far, and every journalled block, onto stable storage."""
+        fds = self.journal.sync_fds() if self.journal is not None else []
+        await trio.to_thread.run_sync(self._sync, fds, limiter=self.limiter)
+
+    def _sync(self, journal_fds: list[int]) -> None:
+        try:
+            self.backend.sync()
+        finally:
+            sync_all(journal_fds)
 
     async def hash_update(self, hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:
         """Feed `chunks` to `hasher`, in order, in one worker-thread hop."""

@@ -275,11 +275,15 @@ class FileData:
             else:
                 self._queue_hash(chunk)
         if len(data) <= INLINE_IO_MAX:
-            # Small: digest now, journal it with the commit, let the mover store it. A close
-            # then costs one index commit instead of a blob file creation.
-            digest = self.io.stage_small(data, first)
-            self.staged[idx] = None if digest is None else (digest, len(data))
-            return
+            # Small: digest now, journal it, let the mover store it. A close then costs a
+            # journal append instead of a blob file creation.
+            try:
+                digest = self.io.stage_small(data, first)
+            except OSError as exc:
+                log.warning("journal refused a block of inode %d (%s): storing it", self.ino, exc)
+            else:
+                self.staged[idx] = None if digest is None else (digest, len(data))
+                return
         version = self.versions[idx]
         self.sealed[idx] = (version, data)
         if self.pending == 0:
@@ -455,12 +459,10 @@ class FileData:
                 with self.index.txn():
                     if self.drop_from is not None:
                         self.index.drop_blocks_from(self.ino, self.drop_from)
-                    # Blocks still waiting for the mover are journalled in this commit, so a
-                    # crash cannot lose what was closed.
+                    # Blocks still waiting for the mover were journalled when sealed, before
+                    # this commit reaches the redo log: a crash cannot lose what was closed.
                     if staged:
-                        self.index.commit_blocks(
-                            self.ino, staged, self.io.pending, time.time_ns()
-                        )
+                        self.index.commit_blocks(self.ino, staged, time.time_ns())
                     self.index.update_file_state(
                         self.ino,
                         self.size,
@@ -505,17 +507,15 @@ class FileData:
     @property
     def clean(self) -> bool:
         """Nothing differs from the index and nothing is in flight."""
-        return (
-            not (
-                self.changed
-                or self.dirty
-                or self.sealed
-                or self.pending
-                or self.staged
-                or self.drop_from is not None
-                or self.error is not None
-                or self.lock.locked()
-            )
+        return not (
+            self.changed
+            or self.dirty
+            or self.sealed
+            or self.pending
+            or self.staged
+            or self.drop_from is not None
+            or self.error is not None
+            or self.lock.locked()
         )
 
 

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import trio
 
 from artifactfs.blobs.cached import CachedBackend
+from artifactfs.blobs.journal import JournalReader, dead_segments, journal_dir, read_segment
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.filedata import FileData
@@ -81,8 +81,6 @@ STORED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 # Per-inode budget for user xattrs (names + values), as ext4 limits them to one block.
 XATTR_TOTAL_MAX = 64 * 1024 + 4096
 MAX_FILE_SIZE = 1 << 50
-# Journal rows retired per transaction (see retire_journal).
-RETIRE_SLICE = 128
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 DIR_KINDS = (NodeKind.ROOT, NodeKind.SANDBOX, NodeKind.SCOPE, NodeKind.NSROOT, NodeKind.DIR)
 
@@ -119,12 +117,10 @@ class FileSystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
-        self._stored_journal: list[bytes] = []  # stored by the mover, rows not yet deleted
         self.checkpoints = Checkpoints(index, io)
-        self._journal_reader: Index | None = None
-        self._journal_lock = threading.Lock()
-        if io.journal is None:  # a second core on the same BlockIO (the sweeper) shares it
-            io.journal = self._journalled
+        self._journal_reader = JournalReader(journal_dir(index.path.parent))
+        if io.others is None:  # a second core on the same BlockIO (the sweeper) shares it
+            io.others = self._journalled
         # `.snapshots`: virtual inodes, counted in `lookups` like real ones.
         self.snap = SnapView(index, io, self.checkpoints, self.lookups)
 
@@ -134,13 +130,7 @@ class FileSystem:
         """Attach to the nursery that runs background stores; reclaim what a crash left
         (not the unlinked inodes when another mount of the store runs: it may hold them)."""
         self._nursery = nursery
-        # Small blocks journalled before a crash: served from memory and stored by the mover.
-        recovered = self.index.pending_blobs()
-        for digest, data in recovered:
-            self.io.hold(len(data))
-            self.io.queue_pending(digest, data)
-        if recovered:
-            log.info("storing %d journalled blocks left by an earlier run", len(recovered))
+        self._adopt_dead_journals()
         nursery.start_soon(self._mover)
         orphans = self.index.unlinked_inodes() if reclaim_orphans else []
         if orphans:
@@ -158,10 +148,6 @@ class FileSystem:
         await self.retire_journal()
         self.index.flush()
         self.checkpoints.close()
-        with self._journal_lock:
-            if self._journal_reader is not None:
-                self._journal_reader.conn.close()
-                self._journal_reader = None
 
     async def make_durable(self) -> None:
         """Everything committed so far, blobs first, onto stable storage (fsyncdir)."""
@@ -181,7 +167,6 @@ class FileSystem:
                 skip = [(d, b) for d, b in batch if there.get(d)]
                 if skip:
                     batch = [(d, b) for d, b in batch if not there.get(d)]
-                    self._stored_journal.extend(d for d, _ in skip)
                     self.io.moved(skip, ok=True, put=False)
                     if not batch:
                         continue
@@ -204,36 +189,41 @@ class FileSystem:
                 self.io.moved(batch[done:], ok=False)
                 batch = batch[:done]
             if batch:
-                self._stored_journal.extend(d for d, _ in batch)
                 self.io.moved(batch, ok=True)
 
-    async def retire_journal(self) -> None:
-        """Delete the journal rows of blocks the mover has stored, once those are synced.
-
-        The rows go only after a sync: were the blobs still only in the page cache, a
-        checkpoint could make the deletion durable first and a power loss would lose blocks
-        of files that were fsynced while journalled. One sync per call (the daemon calls it
-        every second) instead of one per batch keeps the mover cheap.
-
-        In slices, each committed before requests get their turn again: deleting the ~1,000
-        rows a `git clone` journals took the trio thread for ~19 ms and their commit ~12 ms
-        more, and a request arriving then (a `git status`) waited that long.
-        """
-        rows, self._stored_journal = self._stored_journal, []
-        if not rows:
+    def _adopt_dead_journals(self) -> None:
+        """Small blocks journalled by daemons that died (their segments' flock is free):
+        served from memory and stored by our mover; each segment goes once its blocks are
+        stored and synced, as our own do."""
+        journal = self.io.journal
+        if journal is None:
             return
-        done = 0
-        try:
+        count = 0
+        for path, fd in dead_segments(journal.directory, journal):
+            blocks = read_segment(fd)
+            journal.adopt(path, fd, blocks)
+            for digest, data in blocks:
+                if digest not in self.io.pending:
+                    self.io.hold(len(data))
+                    self.io.queue_pending(digest, data)
+                    count += 1
+        if count:
+            log.info("storing %d journalled blocks left by an earlier run", count)
+
+    async def retire_journal(self) -> None:
+        """Delete the journal segments whose blocks the mover has stored, once those are
+        synced: were the blobs still only in the page cache, a power loss could lose blocks
+        of files that were fsynced while journalled. One sync per call (the daemon calls it
+        once writes pause, see fuse/daemon.py: retire_due) instead of one per batch keeps
+        the mover cheap. The segment being written is closed first: the next block starts
+        a new one."""
+        journal = self.io.journal
+        if journal is None:
+            return
+        done = journal.retirable()
+        if done:
             await self.io.sync()
-            while done < len(rows):
-                with self.index.txn():
-                    self.index.remove_pending_blobs(rows[done : done + RETIRE_SLICE])
-                done += RETIRE_SLICE
-                self.index.flush()
-                await trio.lowlevel.checkpoint()
-        finally:
-            # Cancelled or failed part-way: the rest is retired next time.
-            self._stored_journal[:0] = rows[done:]
+            journal.drop(done)
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -314,12 +304,9 @@ class FileSystem:
         raise AccessDenied()
 
     def _journalled(self, digest: bytes) -> bytes | None:
-        """Any thread: a small block another process journalled and has not stored yet, read
-        on a connection of its own (the main one belongs to the trio thread)."""
-        with self._journal_lock:
-            if self._journal_reader is None:
-                self._journal_reader = Index(self.index.path)
-            return self._journal_reader.pending_blob_data(digest)
+        """Any thread: a small block another process journalled and has not stored yet (or
+        that a daemon that died left in its journal)."""
+        return self._journal_reader.get(digest)
 
     def require_write(self, ino: int) -> None:
         """Raise unless this view may change `ino` (the API asks before checkpoint ops)."""

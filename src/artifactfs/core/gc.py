@@ -2,11 +2,11 @@
 
 A blob (block, manifest or manifest chunk) is *referenced* when a live block map names it
 (`blocks`, which keeps the rows of open-unlinked files until they are reaped), when it waits in
-the journal (`pending_blobs`), or when a checkpoint reaches it: every checkpoint root and every
-clean directory's recorded manifest (`dir_manifests`: the next checkpoint reuses those digests
-without storing them again) is walked, each distinct manifest once, collecting manifest, chunk
-and block digests. Everything else in the backend, or in `blobs`, is garbage once it is older
-than the grace period.
+the journal of small blocks (`blobs/journal.py`), or when a checkpoint reaches it: every
+checkpoint root and every clean directory's recorded manifest (`dir_manifests`: the next
+checkpoint reuses those digests without storing them again) is walked, each distinct manifest
+once, collecting manifest, chunk and block digests. Everything else in the backend, or in
+`blobs`, is garbage once it is older than the grace period.
 
 One run (`collect`):
   1. sessions: `sess-*` scopes whose `expires_ns` passed are removed through `FileSystem`
@@ -26,16 +26,17 @@ One run (`collect`):
 
 Why this is safe with mounts writing (the argument the race test checks):
   - A writer commits a block map only after its put, and the commit writes the `blobs` row
-    and the `blocks` row together; a small block is journalled (`pending_blobs`) in the
-    same commit that first names it, and its journal row goes only after the mover stored
-    and synced it. A checkpoint is recorded (row, manifests' `blobs` rows, clean directories)
-    in one unit after its manifests are stored, with a `building` row committed before.
+    and the `blocks` row together; a small block is journalled (`blobs/journal.py`) before
+    the commit that first names it and put by the mover after it, its journal segment going
+    only once the put is synced: a candidate deleted before such a commit is put again. A
+    checkpoint is recorded (row, manifests' `blobs` rows, clean directories) in one unit
+    after its manifests are stored, with a `building` row committed before.
   - Listing before the snapshot: any blob that was referenced when the snapshot was taken
     is in the reference set, so it is not a candidate, whatever the listing saw; a blob put
     after the listing is not listed and so never deleted in this run.
   - A candidate that a writer references between the snapshot and the deletion is caught by
     the re-check: the deleting transaction holds the write lock, so a commit either happened
-    before it (the re-check sees its `blocks`/`pending_blobs`/`dir_manifests` row, or its
+    before it (the re-check sees its `blocks`/`dir_manifests` row, or its
     checkpoint, which is walked first) or happens after the `blobs` row is gone.
   - What the re-check cannot see is a writer between its put and its commit. For a blob it
     wrote, the put made the blob's mtime young: the grace period (default one hour, longer
@@ -74,6 +75,7 @@ import trio
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.blobs.cached import CachedBackend
+from artifactfs.blobs.journal import JournalReader, journal_dir
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.manifest import ManifestError, child_digests, decode
 from artifactfs.core.nodes import Caller, NodeKind
@@ -179,13 +181,13 @@ def _read_snapshot(path: Path, backend: BlobBackend, progress: Progress | None) 
         with snap.read_txn():
             refs = References()
             refs.digests |= snap.ops_block_digests()
-            refs.digests |= snap.ops_pending_digests()
             rows = snap.ops_blob_rows()
             clean = snap.ops_clean_dir_digests()
             checkpoints = snap.ops_checkpoints()
             building = snap.ops_building()
     finally:
         snap.conn.close()
+    refs.digests |= JournalReader(journal_dir(path.parent)).digests()
     for cp in checkpoints:
         walk_manifests(backend.get, [cp.root], refs, progress)
         refs.roots.add(cp.root)

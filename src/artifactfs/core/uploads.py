@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from artifactfs.blobs.cached import CachedBackend
+from artifactfs.blobs.journal import JournalReader, journal_dir
 from artifactfs.blobs.s3 import S3Backend
 from artifactfs.errors import Corrupt, NoSpace, NotFound, StorageError
 from artifactfs.index.db import Index
@@ -65,6 +66,7 @@ class Uploader:
     ) -> None:
         self.index = index
         self.backend = backend
+        self.journal = JournalReader(journal_dir(index.path.parent))
         self.limiter = trio.CapacityLimiter(concurrency)
         self.batch = batch
         self.poll_interval = poll_interval
@@ -207,7 +209,7 @@ class Uploader:
         """A queued block that is not in the cache: journalled and not yet stored by the
         mover (store it now; uploaded next round), already in the bucket (an upload whose
         row was not marked before a crash, then evicted), or lost. True if in the bucket."""
-        data = self.index.pending_blob_data(digest)
+        data = await trio.to_thread.run_sync(self.journal.get, digest, limiter=self.limiter)
         if data is not None:
             try:
                 await trio.to_thread.run_sync(
@@ -220,7 +222,7 @@ class Uploader:
                 log.warning("cannot cache journalled block %s: %s", digest.hex(), exc.message)
             return False
         if self.backend.is_cached(digest):
-            # The mover stored it (and the journal row went) since `_upload` looked: it is
+            # The mover stored it (and its journal segment went) since `_upload` looked: it is
             # uploaded from the cache next round.
             return False
         try:

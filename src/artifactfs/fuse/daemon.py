@@ -162,6 +162,7 @@ async def serve(settings: MountSettings, ready_fd: int | None = None) -> None:
             store.config.block_size,
             threads=settings.blob_threads,
             dirty_budget=settings.dirty_budget,
+            journal=store.open_journal(),
         )
         cred = None
         view = ADMIN
@@ -327,7 +328,7 @@ async def _group_committer(store: Store, interval: float) -> None:
 
 
 async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> None:
-    """Every second: retire stored journal rows (see `retire_due`), then fold the WAL into
+    """Every second: retire stored journal segments (see `retire_due`), then fold the WAL into
     the database in a worker thread, off the request path."""
     retired = trio.current_time()
     while True:

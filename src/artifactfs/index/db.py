@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +195,6 @@ _PUT_BLOCK = "INSERT OR REPLACE INTO blocks (inode, idx, digest) VALUES (?, ?, ?
 _ADD_BLOB = (
     "INSERT OR IGNORE INTO blobs (digest, size, created_ns, uploaded) VALUES (?, ?, ?, ?)"
 )
-_ADD_PENDING = "INSERT OR IGNORE INTO pending_blobs (digest, data) VALUES (?, ?)"
 
 # What the change feed records (kind 0: name in directory, kind 1: inode), per table event.
 _FEED_EVENTS = (
@@ -1252,11 +1251,10 @@ class Index:
         self,
         ino: int,
         staged: dict[int, tuple[bytes, int] | None],
-        pending: Mapping[bytes, bytes],
         time_ns: int,
     ) -> None:
         """A commit's new block map entries of `ino` (None: a hole), with the blobs they
-        use, and a journal row for each of those still waiting for the mover (`pending`).
+        use.
 
         One close of a small file writes one entry: single statements then, which cost
         less than executemany with its iterator."""
@@ -1269,14 +1267,9 @@ class Index:
             digest, size = v
             conn.execute(_PUT_BLOCK, (ino, idx, digest))
             conn.execute(_ADD_BLOB, (digest, size, time_ns, self._uploaded))
-            data = pending.get(digest)
-            if data is not None:
-                conn.execute(_ADD_PENDING, (digest, data))
             return
         self.set_blocks(ino, ((i, None if v is None else v[0]) for i, v in staged.items()))
-        new = [v for v in staged.values() if v is not None]
-        self.record_blobs(new, time_ns)
-        self.add_pending_blobs((d, pending[d]) for d, _ in new if d in pending)
+        self.record_blobs((v for v in staged.values() if v is not None), time_ns)
 
     def drop_blocks_from(self, ino: int, first_idx: int) -> None:
         self.conn.execute("DELETE FROM blocks WHERE inode = ? AND idx >= ?", (ino, first_idx))
@@ -1296,18 +1289,6 @@ class Index:
     def record_blobs(self, blobs: Iterable[tuple[bytes, int]], time_ns: int) -> None:
         up = self._uploaded
         self.conn.executemany(_ADD_BLOB, ((d, s, time_ns, up) for d, s in blobs))
-
-    def add_pending_blobs(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
-        self.conn.executemany(_ADD_PENDING, blobs)
-
-    def remove_pending_blobs(self, digests: Iterable[bytes]) -> None:
-        self.conn.executemany("DELETE FROM pending_blobs WHERE digest = ?", ((d,) for d in digests))
-
-    def pending_blobs(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (bytes(d), bytes(v))
-            for d, v in self.conn.execute("SELECT digest, data FROM pending_blobs")
-        ]
 
     def known_blob(self, digest: bytes) -> bool:
         return (
@@ -1797,9 +1778,6 @@ class Index:
         """Every digest a live block map names (open-unlinked files included)."""
         return {bytes(r[0]) for r in self.conn.execute("SELECT DISTINCT digest FROM blocks")}
 
-    def ops_pending_digests(self) -> set[bytes]:
-        return {bytes(r[0]) for r in self.conn.execute("SELECT digest FROM pending_blobs")}
-
     def ops_blob_rows(self) -> dict[bytes, tuple[int, int]]:
         """digest -> (size, created_ns) of every row of `blobs`."""
         return {
@@ -1829,18 +1807,17 @@ class Index:
         return [(int(p), int(s)) for p, s in rows]
 
     def ops_referenced_or_young(self, digests: list[bytes], young_after_ns: int) -> set[bytes]:
-        """Those of `digests` that a block map, the journal or a clean directory names now,
+        """Those of `digests` that a block map or a clean directory names now,
         or whose `blobs` row was written after `young_after_ns` (gc's re-check)."""
         out: set[bytes] = set()
         for part, marks in _in_groups(digests):
             sql = (
                 f"SELECT digest FROM blocks WHERE digest IN ({marks}) "
-                f"UNION SELECT digest FROM pending_blobs WHERE digest IN ({marks}) "
                 f"UNION SELECT digest FROM blobs WHERE digest IN ({marks}) AND created_ns > ? "
                 f"UNION SELECT m.digest FROM dir_manifests m WHERE m.digest IN ({marks}) "
                 "AND NOT EXISTS (SELECT 1 FROM dirty_dirs x WHERE x.inode = m.inode)"
             )
-            args = [*part, *part, *part, young_after_ns, *part]
+            args = [*part, *part, young_after_ns, *part]
             out.update(bytes(r[0]) for r in self.conn.execute(sql, args))
         return out
 
@@ -1975,12 +1952,6 @@ class Index:
         ).fetchone()
         return int(n), int(b), int(m)
 
-    def ops_pending_totals(self) -> tuple[int, int]:
-        n, total = self.conn.execute(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM pending_blobs"
-        ).fetchone()
-        return int(n), int(total)
-
     # log
 
     def ops_events(
@@ -2051,13 +2022,6 @@ class Index:
             sql = f"SELECT digest, uploaded FROM blobs WHERE digest IN ({marks})"
             out.update((bytes(d), bool(u)) for d, u in self.conn.execute(sql, part))
         return out
-
-    def pending_blob_data(self, digest: bytes) -> bytes | None:
-        """The journalled bytes of a small block not yet stored by the mover, if any."""
-        row = self.conn.execute(
-            "SELECT data FROM pending_blobs WHERE digest = ?", (digest,)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
 
     def live_mount_pids(self) -> list[int]:
         """Pids of registered mounts whose process is alive (rows of dead ones are stale)."""

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
+from artifactfs.blobs.journal import journal_dir, write_segment
 from artifactfs.errors import StoreTooNew
 from artifactfs.index.schema import (
     SCHEMA_V1,
     SCHEMA_V2,
     SCHEMA_V3,
     SCHEMA_V4,
+    SCHEMA_V5,
     SCHEMA_VERSION,
 )
 
@@ -47,12 +50,23 @@ def _to_v4(conn: sqlite3.Connection) -> None:
     _run_script(conn, SCHEMA_V4)
 
 
+def _to_v5(conn: sqlite3.Connection) -> None:
+    # The journalled blocks go to a segment nobody owns, made durable before the table is
+    # dropped; a crash in between leaves both, and the blocks are stored twice (a no-op).
+    rows = [(bytes(d), bytes(v)) for d, v in conn.execute("SELECT digest, data FROM pending_blobs")]
+    if rows:
+        main = next(r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main")
+        write_segment(journal_dir(Path(main).parent), rows)
+    _run_script(conn, SCHEMA_V5)
+
+
 # MIGRATIONS[n] moves a database from version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _to_v1,
     1: _to_v2,
     2: _to_v3,
     3: _to_v4,
+    4: _to_v5,
 }
 
 

@@ -34,25 +34,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import marshal
 import os
 import secrets
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from artifactfs.ownedfiles import (
+    create_locked,
+    is_locked,
+    lock_if_free,
+    owned_files,
+    remove_cut_creations,
+)
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IIQ")
 _EPOCH = struct.Struct("<Q")
 _MARSHAL_VERSION = 4  # readable by every Python since 3.4
-# A `*.new` log older than this and unlocked was left by a process that died creating it.
-CREATION_GRACE = 60.0
 
 # A recorded statement: (many, sql, params); params is one row, or a list of rows if many.
 Statement = tuple[bool, str, Any]
@@ -125,14 +129,9 @@ class RedoLog:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         remove_cut_creations(directory)
-        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
-        creating = self.path.with_suffix(".new")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self.fd = os.open(creating, flags, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # released by the kernel when we die
         # Named *.log only once locked: a scan for dead logs (every BEGIN, and each mount's
         # follower every second) must never find this one free and remove it.
-        os.rename(creating, self.path)
+        self.fd, self.path = create_locked(directory, f"{os.getpid()}-{secrets.token_hex(4)}.log")
         self.size = 0
 
     def append(self, epoch: int, statements: list[Statement]) -> None:
@@ -184,65 +183,17 @@ class DeadLog:
         os.close(self.fd)
 
 
-def remove_cut_creations(directory: Path, *, older_than: float = CREATION_GRACE) -> int:
-    """Remove the `*.new` files of processes that died while creating their log (between
-    its creation and its rename: empty, nothing was appended yet). One is taken for cut
-    short only once it is older than `older_than` seconds and unlocked, since its creator
-    takes the lock just after creating it. Returns how many were removed."""
-    removed = 0
-    try:
-        entries = [e for e in os.scandir(directory) if e.name.endswith(".new")]
-    except FileNotFoundError:
-        return 0
-    now = time.time()
-    for entry in entries:
-        try:
-            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
-                continue
-            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
-        except BlockingIOError:  # its creator is alive and about to rename it
-            pass
-        finally:
-            os.close(fd)
-    if removed:
-        log.info("removed %d redo log(s) whose creation a crash cut short", removed)
-    return removed
-
-
 def _other_logs(directory: Path, own: RedoLog | None) -> list[os.DirEntry[str]]:
-    """The log files in `directory`, ours left out."""
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return []
-    mine = None if own is None else str(own.path)
-    return [e for e in entries if e.name.endswith(".log") and e.path != mine]
+    return owned_files(directory, ".log", None if own is None else own.path)
 
 
 def dead_logs(directory: Path, own: RedoLog | None) -> list[DeadLog]:
     """Logs in `directory` whose owner is gone (their flock is free), now locked by us."""
     found = []
     for entry in _other_logs(directory, own):
-        try:
-            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:  # another process just finished with it
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its owner is alive
-            os.close(fd)
-            continue
-        if os.fstat(fd).st_nlink == 0:  # removed between scandir and flock
-            os.close(fd)
-            continue
-        found.append(DeadLog(Path(entry.path), fd))
+        fd = lock_if_free(entry.path)
+        if fd is not None:
+            found.append(DeadLog(Path(entry.path), fd))
     return found
 
 
@@ -265,18 +216,8 @@ def unsynced_bytes(path: Path) -> int:
 
 def live_unsynced(directory: Path, own: RedoLog | None) -> list[Path]:
     """Logs of live processes that hold records (closes their owner has not committed yet)."""
-    found = []
-    for entry in _other_logs(directory, own):
-        if not unsynced_bytes(Path(entry.path)):
-            continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            found.append(Path(entry.path))
-        finally:
-            os.close(fd)
-    return found
+    return [
+        Path(e.path)
+        for e in _other_logs(directory, own)
+        if unsynced_bytes(Path(e.path)) and is_locked(e.path)
+    ]
