@@ -29,7 +29,7 @@ import platformdirs
 from pydantic import BaseModel, Field
 
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import Journal, JournalReader, journal_dir
+from artifactfs.blobs.journal import Journal, journal_dir
 from artifactfs.blobs.local import LocalBackend
 from artifactfs.blobs.s3 import (
     S3Backend,
@@ -150,7 +150,6 @@ def init_store(
 @dataclass
 class RestoreReport:
     backup: str
-    queued: int  # blocks not uploaded at backup time but journalled in the index: re-queued
     lost: int  # blocks not uploaded at backup time and gone: files using them read EIO
 
 
@@ -176,7 +175,7 @@ def restore_store(
             raise StoreError(exc.message) from None
         index = Index(path / INDEX_NAME)
         try:
-            queued, lost = _settle_restored_queue(index, remote)
+            lost = _settle_restored_queue(index, remote)
             store_id = index.get_meta("store_id") or uuid.uuid4().hex
             block_size = int(index.get_meta("block_size") or DEFAULT_BLOCK_SIZE)
             with index.txn():
@@ -190,22 +189,20 @@ def restore_store(
         write_credentials_file(path / CREDENTIALS_NAME, credentials)
     config = StoreConfig(store_id=store_id, block_size=block_size, backend="s3", s3=s3)
     write_config(path, config)
-    return config, RestoreReport(name, queued, lost)
+    return config, RestoreReport(name, lost)
 
 
-def _settle_restored_queue(index: Index, remote: S3Backend) -> tuple[int, int]:
+def _settle_restored_queue(index: Index, remote: S3Backend) -> int:
     """Blocks queued at backup time: those the bucket has since received are marked uploaded;
-    journalled ones stay queued (the first mount stores and uploads them); the rest are lost
-    and marked uploaded so the queue can drain (fsck reports them). Returns (queued, lost)."""
+    the rest (in the old machine's cache or journal, and never uploaded) are lost and marked
+    uploaded so the queue can drain (fsck reports them). Returns how many are lost."""
     queue = [d for d, _ in index.upload_queue(1 << 62)]
     with ThreadPoolExecutor(8) as pool:
         present = dict(zip(queue, pool.map(remote.has, queue), strict=True))
-    journal = JournalReader(journal_dir(index.path.parent))
-    lost = [d for d in queue if not present[d] and journal.get(d) is None]
-    queued = sum(1 for d in queue if not present[d]) - len(lost)
+    lost = [d for d in queue if not present[d]]
     with index.txn():
         index.mark_uploaded([d for d in queue if present[d]] + lost)
-    return queued, len(lost)
+    return len(lost)
 
 
 def write_config(path: Path, config: StoreConfig) -> None:

@@ -93,8 +93,6 @@ def init(
         if restore_from_bucket:
             config, report = restore_store(path, s3, creds)
             typer.echo(f"restored store {config.store_id} at {path} from {report.backup}")
-            if report.queued:
-                typer.echo(f"{report.queued} blocks journalled in the index upload at first mount")
             if report.lost:
                 typer.echo(
                     f"warning: {report.lost} blocks were not uploaded before that backup: "
