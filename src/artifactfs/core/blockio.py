@@ -2,10 +2,11 @@
 
 Owns the worker-thread boundary for contents: hashing, zero detection, backend puts and reads
 of full blocks run in worker threads under one named CapacityLimiter (small ones inline, see
-INLINE_IO_MAX). Owns the mount-wide budget of dirty bytes held in memory, which gives writers
-backpressure, and the *pending* small blocks: committed to the index, journalled
-(`blobs/journal.py`) but not yet put into the backend, served from memory until the mover
-has stored them.
+INLINE_IO_MAX); what no request waits for (block stores, the mover, the whole-file hasher) in
+the lower-priority threads of `core/background.py`. Owns the mount-wide budget of dirty
+bytes held in memory, which gives writers backpressure, and the *pending* small blocks:
+committed to the index, journalled (`blobs/journal.py`) but not yet put into the backend,
+served from memory until the mover has stored them.
 
 A backend that is out of space (`NoSpace`: a remote store's cache full of blocks not yet
 uploaded for its `full_wait`, or a full disk) must not leave writers waiting for the budget
@@ -26,6 +27,7 @@ import trio
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.blobs.journal import Journal, sync_all
+from artifactfs.core import background
 from artifactfs.errors import NoSpace, NotFound, StorageError
 from artifactfs.units import human
 
@@ -237,6 +239,10 @@ class BlockIO:
             if self._nudge.is_set():
                 self._nudge = trio.Event()
 
+    async def move(self, batch: Sequence[tuple[bytes, bytes]]) -> int:
+        """The mover's step: `put_many` in a background thread."""
+        return await background.run(self.put_many, batch, limiter=self.limiter)
+
     def put_many(self, batch: Sequence[tuple[bytes, bytes]]) -> int:
         """Worker thread: store a batch of pending blocks (not yet synced: their journal
         segments stay until a later sync, see FileSystem.retire_journal). Stops early,
@@ -308,7 +314,7 @@ class BlockIO:
         """Hash and store one block; None for an all-zero block (a hole)."""
         self._wrote()
         try:
-            digest = await trio.to_thread.run_sync(self._store, data, limiter=self.limiter)
+            digest = await background.run(self._store, data, limiter=self.limiter)
         except NoSpace as exc:
             self._backend_full(exc)
             raise
@@ -384,7 +390,7 @@ class BlockIO:
 
     async def hash_update(self, hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:
         """Feed `chunks` to `hasher`, in order, in one worker-thread hop."""
-        await trio.to_thread.run_sync(_update_all, hasher, chunks, limiter=self.limiter)
+        await background.run(_update_all, hasher, chunks, limiter=self.limiter)
 
 
 def _update_all(hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:

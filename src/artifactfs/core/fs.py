@@ -171,9 +171,7 @@ class FileSystem:
                     if not batch:
                         continue
             try:
-                done = await trio.to_thread.run_sync(
-                    self.io.put_many, batch, limiter=self.io.limiter
-                )
+                done = await self.io.move(batch)
             except Exception as exc:
                 # The blocks stay journalled and readable; try again shortly.
                 if not isinstance(exc, NoSpace):
