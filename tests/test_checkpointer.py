@@ -1,10 +1,12 @@
-"""The daemon's checkpointer: stored journal rows are retired once writes pause (their DELETE
-runs on the trio thread), or at the latest every RETIRE_MAX_WAIT seconds of a long burst;
-the WAL is checkpointed every second regardless."""
+"""The daemon's checkpointer: the journal's stored segments are retired once writes pause (the
+sync they wait for competes with the writes), or at the latest every RETIRE_MAX_WAIT seconds
+of a long burst; the WAL is checkpointed every second regardless, after the blobs and the
+journal are synced."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,16 +15,19 @@ import pytest
 import trio
 import trio.testing
 
+from artifactfs.blobs.journal import Journal
 from artifactfs.blobs.local import LocalBackend
 from artifactfs.core.blockio import BlockIO
 from artifactfs.fuse import daemon
 
 
-async def test_journal_rows_are_retired_once_writes_pause(
+async def test_journal_is_retired_once_writes_pause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
     checkpoints: list[bool] = []
-    monkeypatch.setattr(daemon, "_sync_then_checkpoint", lambda store: checkpoints.append(True))
+    monkeypatch.setattr(
+        daemon, "_sync_then_checkpoint", lambda store, fds: checkpoints.append(True)
+    )
     io = BlockIO(LocalBackend(tmp_path / "blobs", durable=False), 4096)
     retired: list[float] = []
 
@@ -68,3 +73,53 @@ async def test_journal_rows_are_retired_once_writes_pause(
         assert len(during) == 2
         assert during[1] - during[0] == pytest.approx(daemon.RETIRE_MAX_WAIT, abs=1.5)
         n.cancel_scope.cancel()
+
+
+def test_a_wal_checkpoint_follows_the_sync_of_blobs_and_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index pages naming journalled blocks must not reach the disk before them."""
+    journal = Journal(tmp_path / "journal")
+    data = b"journalled" * 10
+    journal.append(hashlib.sha256(data).digest(), data)
+    assert journal.current is not None
+    segment = os.fstat(journal.current.fd).st_ino
+    order: list[object] = []
+    real = os.fdatasync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (order.append(("journal", os.fstat(fd).st_ino)), real(fd))
+    )
+    store = SimpleNamespace(
+        backend=SimpleNamespace(sync=lambda: order.append("blobs")),
+        index=SimpleNamespace(checkpoint=lambda: order.append("wal")),
+    )
+    daemon._sync_then_checkpoint(store, journal.sync_fds())  # type: ignore[arg-type]
+    assert order == ["blobs", ("journal", segment), "wal"]
+    journal.close()
+
+
+async def test_the_checkpointer_hands_the_journal_to_the_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / "journal")
+    io = BlockIO(LocalBackend(tmp_path / "blobs", durable=False), 4096, journal=journal)
+    await io.reserve(4096)
+    assert io.stage_small(b"x" * 100) is not None
+    synced: list[int] = []
+
+    def checkpoint(store: object, fds: list[int]) -> None:
+        synced.extend(os.fstat(fd).st_ino for fd in fds)
+        for fd in fds:
+            os.close(fd)
+
+    monkeypatch.setattr(daemon, "_sync_then_checkpoint", checkpoint)
+
+    async def retire() -> None:
+        pass
+
+    fs = SimpleNamespace(io=io, retire_journal=retire)
+    with trio.move_on_after(1.5):
+        await daemon._checkpointer(None, fs, 0.2)  # type: ignore[arg-type]
+    assert journal.current is not None
+    assert os.fstat(journal.current.fd).st_ino in synced
+    journal.close()

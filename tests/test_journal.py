@@ -172,3 +172,12 @@ async def test_sync_closes_the_journal_fds_it_used(tmp_path: Path) -> None:
         for _ in range(5):
             await core.io.sync()
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_clean_stop_leaves_no_segment(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    async with open_core(path) as core:
+        await workspace(core)
+        await core.write_file("acme/shared/ws/f", b"closed before the unmount")
+        assert segments(core.store.journal_dir)
+    assert segments(path / "journal") == []  # stored, synced and retired at the stop

@@ -196,11 +196,14 @@ class Journal:
         return [os.dup(s.fd) for s in segs if s.size]
 
     def close(self) -> None:
-        """A clean stop: segments with blocks not stored stay for the next daemon."""
-        self.drop([s for s in self.retirable() if not s.waiting])
+        """Let go of every segment (their flocks with them). A clean stop retired them all
+        before (`FileSystem.shutdown`); what is left, the next daemon to start adopts: a
+        segment is never deleted here, without the sync that must come first."""
+        self.retirable()
         for seg in self.sealed:
             os.close(seg.fd)
         self.sealed = []
+        self._where = {}
 
 
 def sync_all(fds: list[int]) -> None:

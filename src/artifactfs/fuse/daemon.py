@@ -22,6 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from artifactfs.blobs.journal import sync_all
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.gc import destroy_scope
@@ -338,7 +339,8 @@ async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> 
             if retire_due(now, fs.io.last_write, retired):
                 retired = now
                 await fs.retire_journal()
-            await trio.to_thread.run_sync(_sync_then_checkpoint, store)
+            journal = fs.io.journal.sync_fds() if fs.io.journal is not None else []
+            await trio.to_thread.run_sync(_sync_then_checkpoint, store, journal)
         except Exception as exc:  # a busy database is retried next time
             log.warning("WAL checkpoint failed: %s", exc)
 
@@ -359,10 +361,13 @@ def retire_due(now: float, last_write: float, retired: float) -> bool:
     return now - last_write >= RETIRE_QUIET or now - retired >= RETIRE_MAX_WAIT
 
 
-def _sync_then_checkpoint(store: Store) -> None:
-    # Blobs reach stable storage before the index pages that name them (the checkpoint
-    # fsyncs the database), as ext4's ordered mode puts data before metadata.
-    store.backend.sync()
+def _sync_then_checkpoint(store: Store, journal_fds: list[int]) -> None:
+    # Blobs and journalled blocks reach stable storage before the index pages that name them
+    # (the checkpoint fsyncs the database), as ext4's ordered mode puts data before metadata.
+    try:
+        store.backend.sync()
+    finally:
+        sync_all(journal_fds)
     store.index.checkpoint()
 
 
