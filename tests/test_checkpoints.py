@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from coreutil import Core, open_core
 
-from artifactfs.blobs.journal import Journal
+from artifactfs.blobs.journal import Journal, remove_segments
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.diff import diff, diff_counted
 from artifactfs.core.manifest import decode
@@ -498,7 +498,7 @@ async def test_block_journalled_by_another_process_is_readable(core: Core) -> No
     assert await core.read_file(f"{WS}/small") == b"journalled elsewhere"
     core.store.backend.put(digest, data)  # as the other process's mover would
     other.stored(digest)
-    other.drop(other.retirable())
+    remove_segments(other.drop(other.retirable()))
     other.close()
 
 

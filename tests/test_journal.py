@@ -20,6 +20,7 @@ from artifactfs.blobs.journal import (
     dead_segments,
     read_segment,
     record,
+    remove_segments,
 )
 
 
@@ -88,10 +89,10 @@ def test_segments_go_once_their_blocks_are_stored(tmp_path: Path) -> None:
     j.stored(d1)
     done = j.retirable()
     assert [s.path for s in done] == first
-    j.drop(done)
+    remove_segments(j.drop(done))
     assert len(segments(tmp_path)) == 1
     j.stored(block(2)[0])
-    j.drop(j.retirable())
+    remove_segments(j.drop(j.retirable()))
     assert segments(tmp_path) == []
     j.close()
 
@@ -109,7 +110,7 @@ def test_reader_finds_blocks_as_segments_grow_and_go(tmp_path: Path) -> None:
     assert reader.totals() == (2, len(b0) + len(b1))
     j.stored(d0)
     j.stored(d1)
-    j.drop(j.retirable())
+    remove_segments(j.drop(j.retirable()))
     assert reader.get(d0) is None and reader.digests() == set()
     j.close()
 
@@ -139,7 +140,7 @@ def test_a_dead_daemons_segment_is_found_and_adopted(tmp_path: Path) -> None:
     mine.adopt(path, fd, [(d, b)])
     assert [s.path for s in mine.retirable() if s.path == path] == []  # d not stored yet
     mine.stored(d)
-    mine.drop([s for s in mine.retirable() if s.path == path])
+    remove_segments(mine.drop([s for s in mine.retirable() if s.path == path]))
     assert not path.exists()
     mine.close()
 

@@ -178,16 +178,14 @@ class Journal:
             self.current = None
         return [s for s in self.sealed if not s.waiting]
 
-    def drop(self, segments: list[Segment]) -> None:
-        """Delete segments whose blocks are stored and synced."""
-        for seg in segments:
-            if seg.waiting:  # adopted blocks of the same digest came in meanwhile
-                continue
+    def drop(self, segments: list[Segment]) -> list[Segment]:
+        """Let go of segments whose blocks are stored and synced: the ones to delete with
+        `remove_segments` (in a worker thread: the last close of a segment of 100 MB frees
+        its pages and took ~6 ms)."""
+        gone = [s for s in segments if not s.waiting and s in self.sealed]
+        for seg in gone:
             self.sealed.remove(seg)
-            try:
-                os.unlink(seg.path)
-            finally:
-                os.close(seg.fd)
+        return gone
 
     def sync_fds(self) -> list[int]:
         """Duplicates of the segments' fds, for a worker thread to fdatasync and close (a
@@ -204,6 +202,15 @@ class Journal:
             os.close(seg.fd)
         self.sealed = []
         self._where = {}
+
+
+def remove_segments(segments: list[Segment]) -> None:
+    """Any thread: delete segments `Journal.drop` let go of."""
+    for seg in segments:
+        try:
+            os.unlink(seg.path)
+        finally:
+            os.close(seg.fd)
 
 
 def sync_all(fds: list[int]) -> None:

@@ -1,6 +1,7 @@
 """Worker threads for background work, at a lower CPU priority than the request path.
 
-Block stores, the mover's puts and the whole-file hasher run in threads of their own whose
+Block stores, the mover's puts, the whole-file hasher and the daemon's WAL checkpoints (with
+the syncs before them) run in threads of their own whose
 nice value is raised by `BACKGROUND_NICE` (Linux gives each thread its own nice value), so that
 when the CPUs are busy the trio thread, which answers the kernel's requests, runs first and
 the background work takes what is left. Work a request waits for (reads, syncs, a digest asked
@@ -53,11 +54,13 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-async def run(fn: Callable[..., T], *args: object, limiter: trio.CapacityLimiter) -> T:
-    """Run `fn(*args)` in a background thread under `limiter` and return its result. Like
-    `trio.to_thread.run_sync`, the wait is not cancellable: the caller learns the outcome
-    of what it started."""
-    async with limiter:
+async def run(
+    fn: Callable[..., T], *args: object, limiter: trio.CapacityLimiter | None = None
+) -> T:
+    """Run `fn(*args)` in a background thread (under `limiter`, if any) and return its
+    result. Like `trio.to_thread.run_sync`, the wait is not cancellable: the caller learns
+    the outcome of what it started."""
+    async with limiter if limiter is not None else contextlib.nullcontext():
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import trio
 
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import JournalReader, dead_segments, journal_dir, read_segment
+from artifactfs.blobs.journal import (
+    JournalReader,
+    dead_segments,
+    journal_dir,
+    read_segment,
+    remove_segments,
+)
+from artifactfs.core import background
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.filedata import FileData
@@ -221,7 +228,9 @@ class FileSystem:
         done = journal.retirable()
         if done:
             await self.io.sync()
-            journal.drop(done)
+            gone = journal.drop(done)
+            if gone:
+                await background.run(remove_segments, gone)
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from artifactfs.blobs.journal import sync_all
+from artifactfs.core import background
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.gc import destroy_scope
@@ -340,7 +341,7 @@ async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> 
                 retired = now
                 await fs.retire_journal()
             journal = fs.io.journal.sync_fds() if fs.io.journal is not None else []
-            await trio.to_thread.run_sync(_sync_then_checkpoint, store, journal)
+            await background.run(_sync_then_checkpoint, store, journal)
         except Exception as exc:  # a busy database is retried next time
             log.warning("WAL checkpoint failed: %s", exc)
 
