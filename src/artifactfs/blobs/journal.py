@@ -22,6 +22,7 @@ for bytes that also went into the redo log and then the blob file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -140,7 +141,7 @@ class Journal:
         try:
             done = os.write(seg.fd, rec)
             if done < len(rec):  # a regular file writes short only when it fills up
-                raise OSError(28, "journal write cut short")
+                raise OSError(errno.ENOSPC, "journal write cut short")
         except OSError:
             os.ftruncate(seg.fd, seg.size)
             raise
