@@ -12,6 +12,14 @@ storing at the same priority as the trio thread, each 1 MiB write waited ~1.5 ms
 that takes the trio thread ~0.6 ms of CPU (the write phase 100 ms against the passthrough's
 45 ms); niced, see docs/ARCHITECTURE.md "Session 12 measured".
 
+Block stores are background only until a close or fsync waits for them; niced too, because
+the measured gain was theirs (64 MiB + fsync: 527 MB/s with the stores at the trio thread's
+priority, 608 MB/s niced, the passthrough 823). The niceness orders the daemon's own threads:
+`artifactfs mount` starts the daemon in a session of its own, and with the kernel's
+autogroups (on by default, and on this machine) or a systemd service's cgroup, other
+programs compete with the daemon's group as a whole. Without either, a busy machine's
+normal-priority programs come before the daemon's background threads.
+
 A niced thread cannot be given its priority back without privilege, hence a pool of its own
 rather than trio's thread cache. One pool per process, made on first use; its size bounds
 nothing by itself: callers hold a `trio.CapacityLimiter` (BlockIO's) around each job.
