@@ -346,18 +346,18 @@ async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> 
             log.warning("WAL checkpoint failed: %s", exc)
 
 
-# Stored journal rows are retired once writes pause this long (or at the latest after
-# RETIRE_MAX_WAIT): their DELETE and its commits run on the trio thread (~4.5 ms per slice),
-# and the rows are harmless meanwhile (after a crash the next start stores them again, a
-# no-op for a stored blob). Measured on `git clone` of 3,000 files right after `tar -xf` and
-# `cp -a` in the mount (the bench's order), 3 runs each: 3.41-3.71 s against 3.75-3.93 s,
-# the trio thread's CPU during the clone ~200 ms less.
+# Stored journal segments are retired once writes pause this long (or at the latest after
+# RETIRE_MAX_WAIT): the sync they wait for competes with the writes for the disk, and the
+# segments are harmless meanwhile (after a crash the next start stores their blocks again,
+# a no-op for a stored blob). While the journal was a table of the index, retiring mid-burst
+# ran DELETE slices on the trio thread: waiting for the pause made `git clone` of 3,000
+# files after `tar -xf` and `cp -a` 3.41-3.71 s against 3.75-3.93 s.
 RETIRE_QUIET = 1.0
 RETIRE_MAX_WAIT = 30.0
 
 
 def retire_due(now: float, last_write: float, retired: float) -> bool:
-    """Whether to retire stored journal rows now: no block sealed for RETIRE_QUIET seconds,
+    """Whether to retire stored journal segments now: no block sealed for RETIRE_QUIET seconds,
     or none retired for RETIRE_MAX_WAIT (a long burst of writes)."""
     return now - last_write >= RETIRE_QUIET or now - retired >= RETIRE_MAX_WAIT
 
