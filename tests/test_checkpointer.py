@@ -26,7 +26,7 @@ async def test_journal_is_retired_once_writes_pause(
 ) -> None:
     checkpoints: list[bool] = []
     monkeypatch.setattr(
-        daemon, "_sync_then_checkpoint", lambda store, fds: checkpoints.append(True)
+        daemon, "_sync_then_checkpoint", lambda sync, store: checkpoints.append(True)
     )
     io = BlockIO(LocalBackend(tmp_path / "blobs", durable=False), 4096)
     retired: list[float] = []
@@ -89,11 +89,10 @@ def test_a_wal_checkpoint_follows_the_sync_of_blobs_and_journal(
     monkeypatch.setattr(
         os, "fdatasync", lambda fd: (order.append(("journal", os.fstat(fd).st_ino)), real(fd))
     )
-    store = SimpleNamespace(
-        backend=SimpleNamespace(sync=lambda: order.append("blobs")),
-        index=SimpleNamespace(checkpoint=lambda: order.append("wal")),
-    )
-    daemon._sync_then_checkpoint(store, journal.sync_fds())  # type: ignore[arg-type]
+    backend = SimpleNamespace(sync=lambda: order.append("blobs"))
+    io = BlockIO(backend, 4096, journal=journal)  # type: ignore[arg-type]
+    store = SimpleNamespace(index=SimpleNamespace(checkpoint=lambda: order.append("wal")))
+    daemon._sync_then_checkpoint(io.syncer(), store)  # type: ignore[arg-type]
     assert order == ["blobs", ("journal", segment), "wal"]
     journal.close()
 
@@ -107,12 +106,9 @@ async def test_the_checkpointer_hands_the_journal_to_the_sync(
     assert io.stage_small(b"x" * 100) is not None
     synced: list[int] = []
 
-    def checkpoint(store: object, fds: list[int]) -> None:
-        synced.extend(os.fstat(fd).st_ino for fd in fds)
-        for fd in fds:
-            os.close(fd)
-
-    monkeypatch.setattr(daemon, "_sync_then_checkpoint", checkpoint)
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd)))
+    monkeypatch.setattr(daemon, "_sync_then_checkpoint", lambda sync, store: sync())
 
     async def retire() -> None:
         pass

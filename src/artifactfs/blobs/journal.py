@@ -253,6 +253,11 @@ class JournalReader:
         self._seen: dict[str, _Scanned] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def beside(cls, index_path: Path) -> JournalReader:
+        """The reader of the store whose index is `index_path` (both in the store directory)."""
+        return cls(journal_dir(index_path.parent))
+
     def _scan(self) -> list[tuple[str, _Scanned]]:
         out = []
         present = set()

@@ -379,14 +379,20 @@ class BlockIO:
 
     async def sync(self) -> None:
         """Everything stored so far, and every journalled block, onto stable storage."""
-        fds = self.journal.sync_fds() if self.journal is not None else []
-        await trio.to_thread.run_sync(self._sync, fds, limiter=self.limiter)
+        await trio.to_thread.run_sync(self.syncer(), limiter=self.limiter)
 
-    def _sync(self, journal_fds: list[int]) -> None:
-        try:
-            self.backend.sync()
-        finally:
-            sync_all(journal_fds)
+    def syncer(self) -> Callable[[], None]:
+        """Trio thread: the sync of `sync` as a call for a worker thread to make (the
+        journal's segments are picked now, on the thread that owns them)."""
+        fds = self.journal.sync_fds() if self.journal is not None else []
+
+        def sync() -> None:
+            try:
+                self.backend.sync()
+            finally:
+                sync_all(fds)
+
+        return sync
 
     async def hash_update(self, hasher: hashlib._Hash, chunks: Sequence[bytes]) -> None:
         """Feed `chunks` to `hasher`, in order, in one worker-thread hop."""

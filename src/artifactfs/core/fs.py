@@ -30,7 +30,6 @@ from artifactfs.blobs.cached import CachedBackend
 from artifactfs.blobs.journal import (
     JournalReader,
     dead_segments,
-    journal_dir,
     read_segment,
     remove_segments,
 )
@@ -125,9 +124,10 @@ class FileSystem:
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
         self.checkpoints = Checkpoints(index, io)
-        self._journal_reader = JournalReader(journal_dir(index.path.parent))
         if io.others is None:  # a second core on the same BlockIO (the sweeper) shares it
-            io.others = self._journalled
+            # Any thread: a small block another process journalled and has not stored yet
+            # (or that a daemon that died left in its journal).
+            io.others = JournalReader.beside(index.path).get
         # `.snapshots`: virtual inodes, counted in `lookups` like real ones.
         self.snap = SnapView(index, io, self.checkpoints, self.lookups)
 
@@ -309,11 +309,6 @@ class FileSystem:
         if decision is Decision.READ_ONLY:
             raise ReadOnly()
         raise AccessDenied()
-
-    def _journalled(self, digest: bytes) -> bytes | None:
-        """Any thread: a small block another process journalled and has not stored yet (or
-        that a daemon that died left in its journal)."""
-        return self._journal_reader.get(digest)
 
     def require_write(self, ino: int) -> None:
         """Raise unless this view may change `ino` (the API asks before checkpoint ops)."""

@@ -47,7 +47,7 @@ from functools import partial
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import JournalReader, journal_dir
+from artifactfs.blobs.journal import JournalReader
 from artifactfs.core.gc import DEFAULT_GRACE_S, References, live_mounts, walk_manifests
 from artifactfs.core.grid import grid_path_of
 from artifactfs.core.nodes import ROOT_INODE, NodeKind
@@ -211,7 +211,7 @@ def check(
 
         # ---- against the blob store
         rows = index.ops_blob_rows()
-        pending = JournalReader(journal_dir(index.path.parent)).digests()
+        pending = JournalReader.beside(index.path).digests()
         block_digests = index.ops_block_digests()
         checkpoints = index.ops_checkpoints()
         report.checkpoints = len(checkpoints)

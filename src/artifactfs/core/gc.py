@@ -75,7 +75,7 @@ import trio
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import JournalReader, journal_dir
+from artifactfs.blobs.journal import JournalReader
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.manifest import ManifestError, child_digests, decode
 from artifactfs.core.nodes import Caller, NodeKind
@@ -187,7 +187,7 @@ def _read_snapshot(path: Path, backend: BlobBackend, progress: Progress | None) 
             building = snap.ops_building()
     finally:
         snap.conn.close()
-    refs.digests |= JournalReader(journal_dir(path.parent)).digests()
+    refs.digests |= JournalReader.beside(path).digests()
     for cp in checkpoints:
         walk_manifests(backend.get, [cp.root], refs, progress)
         refs.roots.add(cp.root)

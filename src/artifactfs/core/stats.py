@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from artifactfs.blobs.backend import BlobBackend
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import JournalReader, journal_dir
+from artifactfs.blobs.journal import JournalReader
 from artifactfs.index.db import Index
 
 
@@ -79,7 +79,7 @@ def gather(index: Index, backend: BlobBackend) -> StoreStats:
         nblocks, unique = index.ops_unique_block_totals()
         cps, cp_bytes, manifest_bytes = index.ops_checkpoint_totals()
         nblobs, blob_bytes = index.stored_bytes()
-        pending, pending_bytes = JournalReader(journal_dir(index.path.parent)).totals()
+        pending, pending_bytes = JournalReader.beside(index.path).totals()
         queue, queue_bytes = index.upload_queue_stats()
         mounts = [
             MountStats(

@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from artifactfs.blobs.cached import CachedBackend
-from artifactfs.blobs.journal import JournalReader, journal_dir
+from artifactfs.blobs.journal import JournalReader
 from artifactfs.blobs.s3 import S3Backend
 from artifactfs.errors import Corrupt, NoSpace, NotFound, StorageError
 from artifactfs.index.db import Index
@@ -66,7 +66,7 @@ class Uploader:
     ) -> None:
         self.index = index
         self.backend = backend
-        self.journal = JournalReader(journal_dir(index.path.parent))
+        self.journal = JournalReader.beside(index.path)
         self.limiter = trio.CapacityLimiter(concurrency)
         self.batch = batch
         self.poll_interval = poll_interval

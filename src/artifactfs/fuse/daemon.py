@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import pyfuse3
 import trio
 
-from artifactfs.blobs.journal import sync_all
 from artifactfs.core import background
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.fs import FileSystem
@@ -340,8 +340,7 @@ async def _checkpointer(store: Store, fs: FileSystem, interval: float = 1.0) -> 
             if retire_due(now, fs.io.last_write, retired):
                 retired = now
                 await fs.retire_journal()
-            journal = fs.io.journal.sync_fds() if fs.io.journal is not None else []
-            await background.run(_sync_then_checkpoint, store, journal)
+            await background.run(_sync_then_checkpoint, fs.io.syncer(), store)
         except Exception as exc:  # a busy database is retried next time
             log.warning("WAL checkpoint failed: %s", exc)
 
@@ -362,13 +361,11 @@ def retire_due(now: float, last_write: float, retired: float) -> bool:
     return now - last_write >= RETIRE_QUIET or now - retired >= RETIRE_MAX_WAIT
 
 
-def _sync_then_checkpoint(store: Store, journal_fds: list[int]) -> None:
-    # Blobs and journalled blocks reach stable storage before the index pages that name them
-    # (the checkpoint fsyncs the database), as ext4's ordered mode puts data before metadata.
-    try:
-        store.backend.sync()
-    finally:
-        sync_all(journal_fds)
+def _sync_then_checkpoint(sync: Callable[[], None], store: Store) -> None:
+    # Blobs and journalled blocks (`BlockIO.syncer`) reach stable storage before the index
+    # pages that name them (the checkpoint fsyncs the database), as ext4's ordered mode puts
+    # data before metadata.
+    sync()
     store.index.checkpoint()
 
 
