@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for p in fuse3 libfuse3-dev pkg-config gcc attr rsync sqlite3 git tar util-linux procps psmisc \
+for p in fuse3 libfuse3-dev pkg-config gcc attr acl rsync sqlite3 git tar util-linux procps psmisc \
          python3-wheel-whl python3-setuptools-whl; do
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done

@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import stat
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from coreutil import (
 )
 
 from artifactfs.blobs.journal import JournalReader
+from artifactfs.core.acl import ACL_ACCESS, ACL_DEFAULT
 from artifactfs.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from artifactfs.core.nodes import ROOT_INODE, AttrChanges, Caller, NodeKind
 from artifactfs.errors import (
@@ -55,6 +57,13 @@ NSX = b"user.artifactfs.namespace"
 
 def p(rel: str) -> str:
     return f"{WS}/{rel}"
+
+
+def minimal_acl(mode: int) -> bytes:
+    """The access ACL in xattr form that says what `mode` says (user::, group::, other::)."""
+    entries = ((0x01, mode >> 6 & 7), (0x04, mode >> 3 & 7), (0x20, mode & 7))
+    body = b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+    return struct.pack("<I", 2) + body
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
@@ -1188,6 +1197,71 @@ async def test_names_that_are_never_stored_answer_nodata_without_a_query(core: C
     assert await core.fs.listxattr(ino) == [b"user.k"]
     with pytest.raises(NoData):
         await core.fs.getxattr(ino, b"system.x")
+
+
+async def test_minimal_access_acl_sets_the_permission_bits(core: Core) -> None:
+    """`setfacl -m u::rw,g::r,o::-` and `cp -a` set an ACL the mode expresses: a chmod of the
+    permission bits (set-id and sticky bits stay), with nothing stored."""
+    await core.write_file(p("f"), b"x")
+    ino = await core.resolve(p("f"))
+    await core.fs.setattr(ino, AttrChanges(mode=0o4755), CALLER)
+    before = await core.attr(p("f"))
+    await trio.sleep(0.002)
+    await core.fs.setxattr(ino, ACL_ACCESS, minimal_acl(0o640), CALLER)
+    after = await core.attr(p("f"))
+    assert after.mode == stat.S_IFREG | 0o4640
+    assert after.ctime_ns > before.ctime_ns and after.mtime_ns == before.mtime_ns
+    with pytest.raises(NoData):
+        await core.fs.getxattr(ino, ACL_ACCESS)
+    assert await core.fs.listxattr(ino) == []
+    d = (await core.mkdir(p("d"))).ino
+    await core.fs.setxattr(d, ACL_ACCESS, minimal_acl(0o701), CALLER)
+    assert (await core.attr(p("d"))).mode == stat.S_IFDIR | 0o701
+
+
+@pytest.mark.parametrize(
+    ("caller", "kept"),
+    [
+        (Caller(uid=1000, gid=1000), False),  # owner outside the file's group
+        (Caller(uid=1000, gid=500), True),  # in it by its primary group
+        (Caller(uid=1000, gid=1000, groups=(7, 500)), True),  # by a supplementary one
+        (Caller(uid=1000, gid=1000, pid=os.getpid()), os.getgid() == 500 or 500 in os.getgroups()),
+        (Caller(uid=0, gid=0), True),
+    ],
+)
+async def test_acl_keeps_setgid_only_for_a_caller_in_the_group(
+    core: Core, caller: Caller, kept: bool
+) -> None:
+    await core.write_file(p("f"), b"x")
+    ino = await core.resolve(p("f"))
+    await core.fs.setattr(ino, AttrChanges(uid=1000, gid=500), CALLER)
+    await core.fs.setattr(ino, AttrChanges(mode=0o2755), CALLER)
+    await core.fs.setxattr(ino, ACL_ACCESS, minimal_acl(0o750), caller)
+    assert (await core.attr(p("f"))).mode == stat.S_IFREG | (0o2750 if kept else 0o750)
+
+
+async def test_acls_the_mode_cannot_express_are_refused(core: Core) -> None:
+    await core.write_file(p("f"), b"x")
+    d = (await core.mkdir(p("d"))).ino
+    ino = await core.resolve(p("f"))
+    named = minimal_acl(0o640) + struct.pack("<HHI", 0x02, 4, 1234)  # user:1234:r--
+    with pytest.raises(NotSupported):
+        await core.fs.setxattr(ino, ACL_ACCESS, named, CALLER)
+    with pytest.raises(NotSupported):
+        await core.fs.setxattr(d, ACL_DEFAULT, minimal_acl(0o755), CALLER)
+    with pytest.raises(InvalidArgument):
+        await core.fs.setxattr(ino, ACL_ACCESS, b"\x02\x00\x00\x00garbage", CALLER)
+    assert (await core.attr(p("f"))).mode == stat.S_IFREG | 0o644
+    assert (await core.attr(p("d"))).mode == stat.S_IFDIR | 0o755
+
+
+async def test_removing_an_acl_that_is_not_there_succeeds(core: Core) -> None:
+    """As on ext4: `cp -a` of a directory removes the copy's default ACL."""
+    d = (await core.mkdir(p("d"))).ino
+    before = await core.attr(p("d"))
+    for name in (ACL_ACCESS, ACL_DEFAULT):
+        await core.fs.removexattr(d, name, CALLER)
+    assert await core.attr(p("d")) == before
 
 
 # ---- user.artifactfs.sha256 -----------------------------------------------------------------

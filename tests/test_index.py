@@ -1172,6 +1172,28 @@ def test_deferral_matches_a_model_whatever_rolls_back(tmp_path: Path, ops: list[
         ix.close()
 
 
+def test_inodes_known_to_have_no_attributes_list_them_without_a_query(grouped: Index) -> None:
+    """`cp -a` lists every source file's attributes twice (size, then names)."""
+    ix = grouped
+    with ix.txn():
+        made = ix.insert_inode(
+            kind=5, mode=stat.S_IFREG | 0o644, uid=1, gid=2, nlink=1, time_ns=7, namespace_id=None
+        )
+        ix.set_xattr(made.id, b"user.k", b"v")  # empties what is known of every inode
+    statements: list[str] = []
+    ix.conn.set_trace_callback(statements.append)
+    assert ix.list_xattrs(made.id) == [b"user.k"]
+    with ix.txn():
+        ix.remove_xattr(made.id, b"user.k")
+    for _ in range(3):
+        assert ix.list_xattrs(made.id) == []
+    ix.conn.set_trace_callback(None)
+    assert len([s for s in statements if s.startswith("SELECT name FROM xattrs")]) == 2
+    with ix.txn():
+        ix.set_xattr(made.id, b"user.j", b"w")
+    assert ix.list_xattrs(made.id) == [b"user.j"]
+
+
 def test_inodes_made_here_answer_getxattr_without_a_query(grouped: Index, db_path: Path) -> None:
     ix = grouped
     with ix.txn():

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import stat
+import struct
 import sys
 import textwrap
 from pathlib import Path
@@ -201,6 +202,39 @@ def test_setgid_bit_dropped_when_owner_is_not_in_the_group(ws: Path) -> None:
     f = make_file(ws / "f", ALICE, OTHER_GROUP, 0o755)
     assert as_user(f"os.chmod({str(f)!r}, 0o2755)") == 0
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o755
+
+
+def _set_acl(path: Path, mode: int) -> str:
+    """Code for as_user: set the minimal access ACL of `mode` (what `setfacl -m u::..` sets)."""
+    value = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, mode >> shift & 7, 0xFFFFFFFF)
+        for tag, shift in ((0x01, 6), (0x04, 3), (0x20, 0))
+    )
+    return f"os.setxattr({str(path)!r}, 'system.posix_acl_access', {value!r})"
+
+
+def test_acl_by_owner_changes_permissions_at_once(ws: Path) -> None:
+    """The kernel has the old mode cached (5 s attribute timeout, and a setxattr only marks
+    ctime stale): the mount must drop it, or the owner could still read here."""
+    f = make_file(ws / "f", ALICE, ALICE, 0o644)
+    code = f"os.stat({str(f)!r})\n{_set_acl(f, 0o200)}\nopen({str(f)!r}, 'rb').read()"
+    assert as_user(code) == errno.EACCES
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o200
+
+
+def test_acl_by_non_owner_is_eperm(ws: Path) -> None:
+    f = make_file(ws / "f", BOB, BOB, 0o666)
+    assert as_user(_set_acl(f, 0o777)) == errno.EPERM
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o666
+
+
+def test_acl_drops_setgid_when_owner_is_not_in_the_group(ws: Path) -> None:
+    f = make_file(ws / "f", ALICE, OTHER_GROUP, 0o2755)
+    assert as_user(_set_acl(f, 0o750)) == 0
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o750
+    g = make_file(ws / "g", ALICE, ALICE, 0o2755)
+    assert as_user(_set_acl(g, 0o750)) == 0
+    assert stat.S_IMODE(os.stat(g).st_mode) == 0o2750
 
 
 def test_utime_to_explicit_times_by_non_owner_is_eperm(ws: Path) -> None:

@@ -177,6 +177,29 @@ def test_copies_out_of_the_mount_do_not_carry_computed_attributes(
         assert_same_tree(tree, out, xattrs=("user.test",))
 
 
+def test_acls_the_mode_expresses_work_with_setfacl_getfacl_and_rsync(
+    ws: Path, tree: Path, tmp_path: Path
+) -> None:
+    """A minimal ACL is the mode (as on ext4); what the mode cannot say is EOPNOTSUPP."""
+    f = ws / "f"
+    f.write_bytes(b"x")
+    run(["setfacl", "-m", "u::rwx,g::r-x,o::-", f])
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o750
+    shown = run(["getfacl", "-cp", f]).stdout.split()
+    assert shown == ["user::rwx", "group::r-x", "other::---"]
+    run(["setfacl", "-b", f])  # remove extended entries: there are none
+    for argv in (["setfacl", "-m", "u:1234:r", f], ["setfacl", "-d", "-m", "u::rwx", ws]):
+        refused = subprocess.run(argv, capture_output=True, text=True)
+        assert refused.returncode != 0 and "Operation not supported" in refused.stderr
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o750
+    # rsync -A copies ACLs, cp -a too: in, out again, same modes, and no error.
+    run(["rsync", "-aAH", f"{tree}/", f"{ws / 'r'}/"])
+    run(["cp", "-a", ws / "r", ws / "c"])
+    run(["rsync", "-aAH", f"{ws / 'c'}/", f"{tmp_path / 'back'}/"])
+    assert_same_tree(tree, ws / "r")
+    assert_same_tree(tree, tmp_path / "back")
+
+
 FIND_FORMAT = r"%y %m %U %G %p -> %l\n"
 FIND_FILE_FORMAT = r"%y %m %U %G %s %n %T@ %p -> %l\n"
 

@@ -33,7 +33,7 @@ from artifactfs.blobs.journal import (
     read_segment,
     remove_segments,
 )
-from artifactfs.core import background
+from artifactfs.core import acl, background
 from artifactfs.core.blockio import BlockIO
 from artifactfs.core.checkpoints import Checkpoints
 from artifactfs.core.filedata import FileData
@@ -1336,6 +1336,11 @@ class FileSystem:
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         self._refuse_virtual(ino)
         row = self._row(ino)
+        if name == acl.ACL_ACCESS:
+            await self._set_access_acl(row, value, caller)
+            return
+        if name == acl.ACL_DEFAULT:
+            raise NotSupported("default ACLs are not stored; new files take the mode and umask")
         if name in READONLY_XATTRS:
             raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")
         self._check_xattr_name(name)
@@ -1360,6 +1365,10 @@ class FileSystem:
         if name in READONLY_XATTRS:
             raise NotPermitted(f"{name.decode()} is computed by artifactfs and read-only")
         self._require(Op.WRITE, row)
+        if name in acl.ACL_NAMES:
+            # No ACL is ever stored, and removing one that is not there succeeds (as on ext4):
+            # `cp -a` of a directory removes the copy's default ACL.
+            return
         now = _now()
         with self.index.txn():
             if not self.index.remove_xattr(ino, name):
@@ -1369,6 +1378,15 @@ class FileSystem:
         if data is not None:
             data.ctime_ns = now
 
+    async def _set_access_acl(self, row: InodeRow, value: bytes, caller: Caller) -> None:
+        """A minimal access ACL is the mode's permission bits (core/acl.py): a chmod of them.
+        Ownership was checked by the kernel, as for a chmod (inode_owner_or_capable)."""
+        mode = stat.S_IMODE(row.mode) & ~0o777 | acl.mode_of_access_acl(value)
+        if mode & stat.S_ISGID and not _in_group(caller, row.gid):
+            # As ext4 (posix_acl_update_mode): set-gid goes unless the caller could set it.
+            mode &= ~stat.S_ISGID
+        await self.setattr(row.id, AttrChanges(mode=mode), caller)
+
     @staticmethod
     def _check_xattr_name(name: bytes) -> None:
         if not name:
@@ -1377,6 +1395,24 @@ class FileSystem:
             raise OutOfRange("attribute name longer than 255 bytes")
         if not name.startswith(STORED_XATTR_PREFIXES):
             raise NotSupported("only user.*, trusted.* and security.* attributes are stored")
+
+
+def _in_group(caller: Caller, gid: int) -> bool:
+    """Whether `caller` may keep a set-gid bit of a file of group `gid`: root, a member
+    by its primary group, or by a supplementary one (from /proc; not a member if it cannot
+    be read, which only costs the bit, as a chmod by a non-member would)."""
+    if caller.uid == 0 or caller.gid == gid or gid in caller.groups:
+        return True
+    if caller.pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{caller.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return gid in {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return False
 
 
 def _changes_file(flags: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from artifactfs.core.acl import ACL_ACCESS
 from artifactfs.core.fs import FileSystem
 from artifactfs.core.nodes import Attr, AttrChanges, Caller
 from artifactfs.errors import FsError, NotFound
@@ -308,6 +309,11 @@ class FuseOperations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         await self.fs.setxattr(inode, name, value, _caller(ctx))
+        if name == ACL_ACCESS:
+            # The ACL changed the mode, and the kernel (without FUSE_POSIX_ACL) only marks
+            # ctime stale after a setxattr: permission checks would use the old mode until
+            # the attribute timeout. Attributes only, so no page lock: safe on this thread.
+            pyfuse3.invalidate_inode(inode, attr_only=True)
 
     @_translate
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
