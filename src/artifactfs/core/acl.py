@@ -3,9 +3,9 @@
 artifactfs stores no ACLs: a file's permissions are its mode. An access ACL with only the
 owner, owning-group and other entries (a "minimal" ACL) says exactly what the mode says, so
 setting one is a chmod of the permission bits, as ext4 does (it stores no xattr for such an
-ACL either). `cp -a`, `rsync -A`, `tar --acls` and `setfacl` set minimal ACLs on every copy;
-refused, each falls back to a chmod, a second request per file. An extended ACL (named users
-or groups, a mask) or a default ACL cannot be kept and is refused with EOPNOTSUPP.
+ACL either). `cp -a` sets one on every copy and, refused, falls back to a chmod (a second
+request per file); `rsync -A` and `tar --acls` report the refusal as an error. An extended
+ACL (named users or groups, a mask) or a default ACL cannot be kept: EOPNOTSUPP.
 
 The value is the kernel's xattr form (linux/posix_acl_xattr.h): a little-endian u32 version
 (2), then 8-byte entries of u16 tag, u16 permissions (rwx = 4|2|1), u32 id. The kernel has

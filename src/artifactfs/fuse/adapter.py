@@ -313,7 +313,10 @@ class FuseOperations(pyfuse3.Operations):
             # The ACL changed the mode, and the kernel (without FUSE_POSIX_ACL) only marks
             # ctime stale after a setxattr: permission checks would use the old mode until
             # the attribute timeout. Attributes only, so no page lock: safe on this thread.
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as exc:  # the change is made; only the kernel's copy lags
+                log.warning("invalidating the attributes of inode %d: %s", inode, exc)
 
     @_translate
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
