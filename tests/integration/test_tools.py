@@ -189,7 +189,7 @@ def test_acls_the_mode_expresses_work_with_setfacl_getfacl_and_rsync(
     assert shown == ["user::rwx", "group::r-x", "other::---"]
     run(["setfacl", "-b", f])  # remove extended entries: there are none
     for argv in (["setfacl", "-m", "u:1234:r", f], ["setfacl", "-d", "-m", "u::rwx", ws]):
-        refused = subprocess.run(argv, capture_output=True, text=True)
+        refused = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert refused.returncode != 0 and "Operation not supported" in refused.stderr
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o750
     # rsync -A copies ACLs, cp -a too: in, out again, same modes, and no error.
