@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ from artifactfs.store import Store, init_store
 
 BLOCK = 4096
 CALLER = Caller(uid=os.getuid(), gid=os.getgid())
+
+
+def minimal_acl(mode: int) -> bytes:
+    """The access ACL in xattr form that says what `mode` says (user::, group::, other::), as
+    `setfacl -m u::..,g::..,o::..` and `cp -a` send it."""
+    entries = ((0x01, mode >> 6 & 7), (0x04, mode >> 3 & 7), (0x20, mode & 7))
+    body = b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+    return struct.pack("<I", 2) + body
 
 
 def split(path: str) -> list[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from coreutil import minimal_acl
 
 from artifactfs.core.acl import (
     GROUP,
@@ -22,17 +23,9 @@ def acl(*entries: tuple[int, int, int], version: int = 2) -> bytes:
     return struct.pack("<I", version) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def minimal(mode: int) -> bytes:
-    return acl(
-        (USER_OBJ, mode >> 6 & 7, 0xFFFFFFFF),
-        (GROUP_OBJ, mode >> 3 & 7, 0xFFFFFFFF),
-        (OTHER, mode & 7, 0xFFFFFFFF),
-    )
-
-
 @pytest.mark.parametrize("mode", [0o000, 0o640, 0o755, 0o777, 0o421, 0o007])
 def test_a_minimal_acl_is_its_mode(mode: int) -> None:
-    assert mode_of_access_acl(minimal(mode)) == mode
+    assert mode_of_access_acl(minimal_acl(mode)) == mode
 
 
 def test_entry_order_does_not_matter() -> None:
@@ -43,7 +36,7 @@ def test_entry_order_does_not_matter() -> None:
 @pytest.mark.parametrize("tag", [USER, GROUP, MASK])
 def test_named_entries_and_masks_are_not_supported(tag: int) -> None:
     with pytest.raises(NotSupported):
-        mode_of_access_acl(minimal(0o644) + struct.pack("<HHI", tag, 4, 1234))
+        mode_of_access_acl(minimal_acl(0o644) + struct.pack("<HHI", tag, 4, 1234))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +44,7 @@ def test_named_entries_and_masks_are_not_supported(tag: int) -> None:
     [
         b"",
         b"\x02\x00\x00",
-        minimal(0o644)[:-1],
+        minimal_acl(0o644)[:-1],
         acl((USER_OBJ, 6, 0), (GROUP_OBJ, 4, 0), (OTHER, 4, 0), version=1),
         acl((USER_OBJ, 6, 0), (GROUP_OBJ, 4, 0)),  # no other entry
         acl((USER_OBJ, 6, 0), (USER_OBJ, 6, 0), (GROUP_OBJ, 4, 0), (OTHER, 4, 0)),

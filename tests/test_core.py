@@ -22,6 +22,7 @@ from coreutil import (
     Core,
     check_invariants,
     crashing_core,
+    minimal_acl,
     open_core,
     workspace,
 )
@@ -57,13 +58,6 @@ NSX = b"user.artifactfs.namespace"
 
 def p(rel: str) -> str:
     return f"{WS}/{rel}"
-
-
-def minimal_acl(mode: int) -> bytes:
-    """The access ACL in xattr form that says what `mode` says (user::, group::, other::)."""
-    entries = ((0x01, mode >> 6 & 7), (0x04, mode >> 3 & 7), (0x20, mode & 7))
-    body = b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
-    return struct.pack("<I", 2) + body
 
 
 def pattern(n: int, seed: int = 0) -> bytes:

@@ -11,12 +11,12 @@ import errno
 import functools
 import os
 import stat
-import struct
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from coreutil import minimal_acl
 from mountutil import run_as
 
 pytestmark = [
@@ -206,11 +206,7 @@ def test_setgid_bit_dropped_when_owner_is_not_in_the_group(ws: Path) -> None:
 
 def _set_acl(path: Path, mode: int) -> str:
     """Code for as_user: set the minimal access ACL of `mode` (what `setfacl -m u::..` sets)."""
-    value = struct.pack("<I", 2) + b"".join(
-        struct.pack("<HHI", tag, mode >> shift & 7, 0xFFFFFFFF)
-        for tag, shift in ((0x01, 6), (0x04, 3), (0x20, 0))
-    )
-    return f"os.setxattr({str(path)!r}, 'system.posix_acl_access', {value!r})"
+    return f"os.setxattr({str(path)!r}, 'system.posix_acl_access', {minimal_acl(mode)!r})"
 
 
 def test_acl_by_owner_changes_permissions_at_once(ws: Path) -> None:

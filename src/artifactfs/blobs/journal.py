@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from artifactfs.blobs.local import fsync_dir
 from artifactfs.ownedfiles import (
     create_locked,
     lock_if_free,
@@ -96,11 +97,7 @@ def write_segment(directory: Path, blocks: list[tuple[bytes, bytes]]) -> Path:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
     return path
 
 

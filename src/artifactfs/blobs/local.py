@@ -220,7 +220,7 @@ class LocalBackend:
         if self.durable:
             # Commit the rename itself; without this a crash can lose a blob the index already
             # references.
-            _fsync_dir(leaf)
+            fsync_dir(leaf)
 
     def sync(self) -> None:
         """Make every blob put so far durable.
@@ -272,7 +272,7 @@ class LocalBackend:
                 return
         if self.durable:
             # The new directory's entry must be durable before blobs inside it are.
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
 
     # -- read ---------------------------------------------------------------------------------
 
@@ -605,7 +605,8 @@ def _fsync(fd: int) -> None:
             raise
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory `path` durable (a no-op where the file system cannot)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _fsync(fd)
